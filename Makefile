@@ -1,0 +1,24 @@
+# Quick start: `make scan` (the main job on the embedded default) and `make test`.
+# Each target creates .venv and installs bscan into it first (from a bare python3).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SWEEP_DIR ?= runs/scan
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+.PHONY: install test scan demo
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -n 2 tests
+
+scan: install
+	$(PY) -m launch.local --config=experiments/configs/scan.py --workdir=$(SWEEP_DIR) --parallel=2
+
+demo: install
+	$(PY) -m experiments.train --config=experiments/configs/demo.py --workdir=runs/demo-run

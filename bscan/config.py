@@ -1,0 +1,188 @@
+"""Run configuration: arg parsing, validation before compiling, and values derived from it."""
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+from bscan import model as model_lib
+
+SCHEDULES = ("constant", "cosine", "linear")
+LR_RULES = ("fixed", "kaplan")
+BATCH_SCALINGS = ("none", "sqrt", "linear")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message names the field and the fix."""
+
+
+def parse_arg(arg: str) -> dict[str, Any]:
+  """Parses 'size=3m,batch=64,lr=1e-3' into typed values (int, float, bool or str)."""
+  out: dict[str, Any] = {}
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    if "=" not in item:
+      raise ConfigError(f"config arg item {item!r} must look like key=value (e.g. batch=64)")
+    key, value = (s.strip() for s in item.split("=", 1))
+    out[key] = _typed(value)
+  return out
+
+
+def _typed(value: str) -> Any:
+  if value.lower() in ("true", "false"):
+    return value.lower() == "true"
+  for cast in (int, float):
+    try:
+      return cast(value)
+    except ValueError:
+      pass
+  return value
+
+
+def check_arg_keys(args: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+  """Rejects arg keys that a config file does not read (a typo would silently do nothing)."""
+  unknown = sorted(set(args) - set(allowed))
+  if unknown:
+    raise ConfigError(f"{where}: unknown arg key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
+  """The ModelConfig of a run: a ladder size, its context, dtype and the tokenizer's vocab."""
+  n_layer, d_model, n_heads = model_lib.SIZES[cfg.model.size]
+  return model_lib.ModelConfig(
+      n_layer=n_layer, d_model=d_model, n_heads=n_heads, vocab_size=vocab_size,
+      max_len=cfg.model.max_len, dtype=cfg.model.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the global batch splits: over devices, then into K microbatches per device."""
+
+  num_devices: int
+  per_device: int  # sequences per device per step
+  num_microbatches: int  # K per device
+  microbatch: int  # sequences per microbatch
+
+  @property
+  def total_microbatches(self) -> int:
+    return self.num_devices * self.num_microbatches
+
+
+def layout(cfg: ml_collections.ConfigDict, num_devices: int) -> Layout:
+  """Splits cfg.batch_size; microbatch_size 0 picks the largest ≤ max_microbatch_size."""
+  per_device = cfg.batch_size // num_devices
+  m = cfg.microbatch_size
+  if m == 0:
+    # Largest divisor of the per-device batch that fits the memory cap; at least two
+    # microbatches in total so the noise-scale estimate exists even on one device.
+    cap = min(cfg.max_microbatch_size, per_device if num_devices > 1 else max(1, per_device // 2))
+    m = max(d for d in range(1, max(cap, 1) + 1) if per_device % d == 0)
+  return Layout(num_devices, per_device, per_device // m, m)
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError naming the field and the fix for a config that cannot work."""
+  if cfg.model.size not in model_lib.SIZES:
+    raise ConfigError(f"model.size={cfg.model.size!r} is unknown; choose one of "
+                      f"{sorted(model_lib.SIZES)}")
+  if cfg.model.dtype not in DTYPES:
+    raise ConfigError(f"model.dtype={cfg.model.dtype!r}; choose one of {DTYPES}")
+  for field in ("seq_len", "batch_size", "model.max_len"):
+    if _get(cfg, field) <= 0:
+      raise ConfigError(f"{field}={_get(cfg, field)} must be positive")
+  if cfg.seq_len > cfg.model.max_len:
+    raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's context "
+                      f"model.max_len={cfg.model.max_len}; lower seq_len or raise model.max_len")
+  if cfg.batch_size % num_devices:
+    raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {num_devices} "
+                      f"devices; use a multiple of {num_devices}")
+  m = cfg.microbatch_size
+  if m < 0:
+    raise ConfigError(f"microbatch_size={m} must be ≥ 0 (0 = automatic)")
+  if m and (cfg.batch_size // num_devices) % m:
+    raise ConfigError(
+        f"batch_size={cfg.batch_size} is not divisible by devices × microbatch_size = "
+        f"{num_devices} × {m}; use a batch_size multiple of {num_devices * m} or another "
+        "microbatch_size")
+  _validate_optim(cfg.optim)
+  _validate_budget(cfg)
+  for field in ("eval.every_steps", "eval.per_decade", "log_every_steps",
+                "checkpoint.every_steps", "checkpoint.keep", "noise.group_every",
+                "noise.hessian_every"):
+    if _get(cfg, field) < 0:
+      raise ConfigError(f"{field}={_get(cfg, field)} must be ≥ 0")
+  if not 0.0 <= cfg.noise.ema_decay < 1.0:
+    raise ConfigError(f"noise.ema_decay={cfg.noise.ema_decay} must be in [0, 1)")
+  if cfg.noise.curvature not in ("hessian", "gauss_newton"):
+    raise ConfigError(f"noise.curvature={cfg.noise.curvature!r}; use 'hessian' or "
+                      "'gauss_newton'")
+
+
+def _validate_optim(optim: ml_collections.ConfigDict) -> None:
+  if optim.lr <= 0:
+    raise ConfigError(f"optim.lr={optim.lr} must be positive")
+  choices = {"optim.schedule": (optim.schedule, SCHEDULES),
+             "optim.lr_rule": (optim.lr_rule, LR_RULES),
+             "optim.batch_scaling": (optim.batch_scaling, BATCH_SCALINGS)}
+  for field, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ConfigError(f"{field}={value!r} is unknown; choose one of {allowed}")
+  if optim.batch_scaling != "none" and optim.reference_batch <= 0:
+    raise ConfigError("optim.reference_batch must be positive when batch_scaling is on")
+  if optim.clip_norm < 0 or optim.weight_decay < 0 or optim.warmup_tokens < 0:
+    raise ConfigError("optim.clip_norm, optim.weight_decay, optim.warmup_tokens must be ≥ 0")
+
+
+def _validate_budget(cfg: ml_collections.ConfigDict) -> None:
+  b = cfg.budget
+  if b.train_tokens < 0 or b.train_steps < 0 or b.max_tokens < 0:
+    raise ConfigError("budget.train_tokens, budget.train_steps and budget.max_tokens must be "
+                      "≥ 0 (0 = unset)")
+  if b.target_loss:
+    if b.target_loss < 0:
+      raise ConfigError(f"budget.target_loss={b.target_loss} must be positive")
+    if not (b.max_tokens or b.train_steps):
+      raise ConfigError("budget.target_loss needs a cap: set budget.max_tokens (or "
+                        "budget.train_steps)")
+  elif not (b.train_tokens or b.train_steps):
+    raise ConfigError("no budget: set budget.train_tokens, budget.train_steps, or "
+                      "budget.target_loss with budget.max_tokens")
+
+
+def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+  for part in dotted.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def batch_tokens(cfg: ml_collections.ConfigDict) -> int:
+  """Tokens per optimizer step: the global batch in tokens."""
+  return cfg.batch_size * cfg.seq_len
+
+
+def max_steps(cfg: ml_collections.ConfigDict) -> int:
+  """The step budget (a cap when the run stops on a target loss); tokens → steps here only."""
+  b = cfg.budget
+  if b.train_steps:
+    return b.train_steps
+  tokens = b.max_tokens if b.target_loss else b.train_tokens
+  return math.ceil(tokens / batch_tokens(cfg))
+
+
+def warmup_steps(cfg: ml_collections.ConfigDict) -> int:
+  """Warmup in steps, from a token budget so that every batch size warms up on equal data."""
+  return min(max_steps(cfg), math.ceil(cfg.optim.warmup_tokens / batch_tokens(cfg)))
+
+
+def kaplan_lr(n_params: int) -> float:
+  """Kaplan et al. 2020 eq. D.1: LR(N) ≈ 0.003239 − 0.0001395·log N."""
+  return 0.003239 - 0.0001395 * math.log(n_params)
+
+
+def peak_learning_rate(cfg: ml_collections.ConfigDict, n_params: int) -> float:
+  """optim.lr, or the model-size rule, times the declared batch-size scaling."""
+  lr = kaplan_lr(n_params) * cfg.optim.lr_scale if cfg.optim.lr_rule == "kaplan" else cfg.optim.lr
+  ratio = cfg.batch_size / cfg.optim.reference_batch if cfg.optim.reference_batch else 1.0
+  exponent = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.optim.batch_scaling]
+  return lr * ratio**exponent

@@ -1,0 +1,284 @@
+"""The training loop: one run of one config in one workdir, resumable, with a stop condition."""
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from bscan import checkpoint as checkpoint_lib
+from bscan import config as config_lib
+from bscan import data as data_lib
+from bscan import metrics as metrics_lib
+from bscan import model as model_lib
+from bscan import noise_scale
+from bscan import optim
+from bscan import train_step as step_lib
+
+
+@dataclasses.dataclass
+class LoopState:
+  """Host-side counters that decide when to stop; checkpointed so resumes decide alike."""
+
+  loss_ema: float = 0.0
+  loss_ema_count: int = 0
+  target_step: int = 0  # first step whose smoothed loss reached the target (0 = not yet)
+
+  def smoothed(self, decay: float) -> float:
+    return self.loss_ema / (1.0 - decay**self.loss_ema_count)
+
+
+def eval_due(step: int, cfg: ml_collections.ConfigDict) -> bool:
+  """Linear cadence and/or `per_decade` log-spaced steps (small batches take many steps)."""
+  if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+    return True
+  k = cfg.eval.per_decade
+  if k:
+    return step == 1 or math.floor(k * math.log10(step)) > math.floor(k * math.log10(step - 1))
+  return False
+
+
+def derived_values(cfg: ml_collections.ConfigDict, arg: str, vocab_size: int,
+                   num_devices: int) -> dict[str, Any]:
+  """What the analysis needs about a run, in sequences and in tokens."""
+  mcfg = config_lib.model_config(cfg, vocab_size)
+  n_params = model_lib.non_embedding_params(mcfg)
+  lay = config_lib.layout(cfg, num_devices)
+  return {
+      "arg": arg, "size": cfg.model.size, "n_params": n_params,
+      "n_params_embedding": model_lib.embedding_params(mcfg), "n_layer": mcfg.n_layer,
+      "d_model": mcfg.d_model, "seq_len": cfg.seq_len, "batch_sequences": cfg.batch_size,
+      "batch_tokens": config_lib.batch_tokens(cfg),
+      "learning_rate": config_lib.peak_learning_rate(cfg, n_params), "seed": cfg.seed,
+      "microbatch_sequences": lay.microbatch, "microbatch_tokens": lay.microbatch * cfg.seq_len,
+      "num_devices": num_devices, "num_microbatches": lay.num_microbatches,
+      "target_loss": cfg.budget.target_loss or None, "max_steps": config_lib.max_steps(cfg),
+      "max_tokens": config_lib.max_steps(cfg) * config_lib.batch_tokens(cfg),
+      "vocab_size": vocab_size, "dataset": cfg.data.tfds_name or cfg.data.name,
+      "tokenizer": cfg.tokenizer.name,
+  }
+
+
+def check_workdir(workdir: epath.Path, cfg: ml_collections.ConfigDict, allow_change: bool) -> None:
+  """Refuses to mix two different configs in one workdir unless told to."""
+  path = workdir / "config.json"
+  if not path.exists() or allow_change:
+    return
+  old = json.loads(path.read_text())["config"]
+  new = json.loads(cfg.to_json())
+  diffs = [k for k in sorted(set(_flatten(old)) | set(_flatten(new)))
+           if _flatten(old).get(k) != _flatten(new).get(k)]
+  if diffs:
+    raise config_lib.ConfigError(
+        f"workdir {workdir} holds a run with a different config (fields {diffs}); use another "
+        "--workdir, or pass --allow_config_change to continue it with the new config")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (save, then exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
+        allow_config_change: bool = False) -> str:
+  """Trains (or resumes) one run; returns its final status (done / diverged / failed)."""
+  workdir = epath.Path(workdir)
+  num_devices = jax.device_count()
+  config_lib.validate(cfg, num_devices)
+  data_lib.validate_data_config(cfg)
+  check_workdir(workdir, cfg, allow_config_change)
+  status = metrics_lib.read_status(workdir)
+  if status and status["status"] in ("done", "diverged"):
+    logging.info("Run in %s is already %s; nothing to do.", workdir, status["status"])
+    return status["status"]
+
+  is_main = jax.process_index() == 0
+  tokenizer = data_lib.get_tokenizer(cfg)
+  derived = derived_values(cfg, arg, tokenizer.vocab_size, num_devices)
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(
+        {"config": json.loads(cfg.to_json()), "arg": arg, "derived": derived}, indent=2))
+  trainer = Trainer(cfg, workdir, derived, tokenizer.vocab_size)
+  try:
+    return trainer.train()
+  except Exception as e:  # Recorded for the launcher and the analysis, then re-raised.
+    if is_main:
+      metrics_lib.write_status(workdir, "failed", f"{type(e).__name__}: {e}", 0, 0)
+    raise
+  finally:
+    trainer.close()
+
+
+class Trainer:
+  """Builds mesh, model, step, data and checkpoints for one run, then loops."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: epath.Path,
+               derived: dict[str, Any], vocab_size: int):
+    self.cfg, self.workdir, self.derived = cfg, workdir, derived
+    self.is_main = jax.process_index() == 0
+    self.mesh = step_lib.make_mesh()
+    lay = config_lib.layout(cfg, jax.device_count())
+    self.sc = step_lib.StepConfig(
+        num_microbatches=lay.num_microbatches, microbatch=lay.microbatch, seq_len=cfg.seq_len,
+        num_devices=lay.num_devices, noise=cfg.noise.enabled, ema_decay=cfg.noise.ema_decay)
+    model = model_lib.Transformer(config_lib.model_config(cfg, vocab_size))
+    self.loss_fn = lambda params, batch: model_lib.loss_fn(model, params, batch)
+    self.lr = optim.schedule(cfg, derived["learning_rate"])
+    tx = optim.optimizer(cfg, self.lr)
+    self.train_step = step_lib.make_train_step(self.loss_fn, tx, self.lr, self.sc, self.mesh)
+    dummy = np.zeros((1, cfg.seq_len), np.int32)
+    init_params = lambda rng: model.init(rng, dummy)["params"]
+    groups = tuple(noise_scale.group_sq_norms(jax.eval_shape(init_params, jax.random.key(0))))
+    self.state = step_lib.init_state(init_params, tx, jax.random.key(cfg.seed), self.mesh, groups)
+    self.data_iter = data_lib.make_train_iterator(
+        cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    self.eval_tokens = data_lib.make_eval_batches(cfg)
+    chunk = math.gcd(len(self.eval_tokens), max(lay.per_device, 1) * lay.num_devices)
+    self.eval_fn = step_lib.make_eval_fn(self.loss_fn, self.mesh, chunk)
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main)
+    self.ckpt = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
+    self.loop = LoopState()
+    self.max_steps = config_lib.max_steps(cfg)
+    self._last_fetch = None
+    self._diverged_step = 0
+
+  def close(self) -> None:
+    self.writer.close()
+    self.ckpt.close()
+
+  def _restore(self) -> int:
+    if self.ckpt.latest_step() is None:
+      return 0
+    self.state, loop = self.ckpt.restore(checkpoint_lib.abstract(self.state), self.data_iter)
+    self.loop = LoopState(**loop)
+    step = int(self.state.step)
+    self.writer.truncate_after(step)
+    logging.info("Resumed from step %d.", step)
+    return step
+
+  def _status(self, status: str, reason: str, step: int) -> None:
+    if self.is_main:
+      metrics_lib.write_status(self.workdir, status, reason, step,
+                               step * self.derived["batch_tokens"])
+
+  def train(self) -> str:
+    """The loop: dispatch step n, then fetch step n−1's metrics (never block needlessly)."""
+    step = self._restore()
+    self._status("running", "", step)
+    if self.sc.noise and self.sc.b_small == self.sc.b_big:
+      logging.warning("Noise scale undefined: one device and one microbatch (B_small = B_big); "
+                      "set microbatch_size below batch_size to measure it. Training on.")
+    preemption = _Preemption()
+    pending, outcome = None, None
+    try:
+      while outcome is None and step < self.max_steps and not self._stop_due(step):
+        local = next(self.data_iter)
+        batch = jax.make_array_from_process_local_data(self.batch_sharding, local)
+        self.state, train_metrics = self.train_step(self.state, batch)
+        step += 1
+        eval_loss = (self.eval_fn(self.state.params, self.eval_tokens)
+                     if eval_due(step, self.cfg) or step == self.max_steps else None)
+        if pending:
+          outcome = self._finish(*pending)
+        pending = (step, train_metrics, eval_loss)
+        if step % self.cfg.checkpoint.every_steps == 0 or preemption.requested:
+          outcome = outcome or self._finish(*pending)
+          pending = None
+          if outcome is None:
+            self.ckpt.save(step, self.state, self.data_iter, dataclasses.asdict(self.loop))
+          if preemption.requested and outcome is None:
+            self.ckpt.wait()
+            reason = f"preempted (SIGTERM) at step {step}; rerun the same command to resume"
+            self._status("failed", reason, step)
+            return "failed"
+      if pending:
+        outcome = outcome or self._finish(*pending)
+    finally:
+      preemption.restore()
+    if outcome == "diverged":
+      self._status("diverged", f"non-finite train loss at step {self._diverged_step}",
+                   self._diverged_step)
+      return "diverged"
+    if self.ckpt.latest_step() != step:
+      self.ckpt.save(step, self.state, self.data_iter, dataclasses.asdict(self.loop), force=True)
+    reason = (f"reached target loss {self.cfg.budget.target_loss} at step {self.loop.target_step}"
+              if self.loop.target_step else f"step budget {self.max_steps} used")
+    self._status("done", reason, step)
+    return "done"
+
+  def _stop_due(self, step: int) -> bool:
+    """After the target is reached, run `overshoot` more so smoothed curves cross it too."""
+    t = self.loop.target_step
+    return bool(t) and step >= t + math.ceil(self.cfg.budget.overshoot * t)
+
+  def _finish(self, step: int, train_metrics: dict[str, Any], eval_loss) -> str | None:
+    """Fetches one step's metrics, writes its row; returns 'diverged' on a non-finite loss."""
+    m = jax.device_get(train_metrics)
+    now = time.perf_counter()
+    dt = now - self._last_fetch if self._last_fetch is not None else float("nan")
+    self._last_fetch = now
+    loss = float(m["train_loss"])
+    row = {"step": step, "tokens": step * self.derived["batch_tokens"], "train_loss": loss,
+           "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), "step_time_s": dt,
+           "tokens_per_s": self.derived["batch_tokens"] / dt if dt == dt else float("nan")}
+    if eval_loss is not None:
+      row["eval_loss"] = float(eval_loss)
+    row.update(self._noise_columns(step, m))
+    if step % self.cfg.log_every_steps == 0 or eval_loss is not None or not math.isfinite(loss):
+      self.writer.write(row)
+    if not math.isfinite(loss):
+      self._diverged_step = step
+      return "diverged"
+    self._track_target(step, loss)
+    return None
+
+  def _noise_columns(self, step: int, m: dict[str, Any]) -> dict[str, float]:
+    if not self.sc.noise:
+      return {}
+    seq = self.cfg.seq_len
+    cols = {k: float(m[k]) for k in ("ns_g_small_sq", "ns_g_big_sq", "ns_gsq", "ns_trace")}
+    cols["b_simple_tokens"] = float(m["b_simple"])
+    cols["b_simple_seqs"] = float(m["b_simple"]) / seq
+    group_every = self.cfg.noise.group_every
+    if group_every and step % group_every == 0:
+      for key, value in m.items():
+        if key.startswith("ns_group/") and key.endswith("/b_simple"):
+          cols[key + "_tokens"] = float(value)
+    return cols
+
+  def _track_target(self, step: int, loss: float) -> None:
+    b = self.cfg.budget
+    if not b.target_loss:
+      return
+    d = b.loss_smoothing
+    self.loop.loss_ema = d * self.loop.loss_ema + (1 - d) * loss
+    self.loop.loss_ema_count += 1
+    if not self.loop.target_step and self.loop.smoothed(d) <= b.target_loss:
+      self.loop.target_step = step

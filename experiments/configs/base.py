@@ -1,0 +1,98 @@
+"""The common base every experiment config starts from; each field is documented once here."""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Defaults for one training run; experiment files override what they scan."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.seq_len = 128  # T: tokens per sequence (context)
+  c.batch_size = 32  # global batch in sequences
+  c.microbatch_size = 0  # sequences per microbatch (gradient accumulation); 0 = automatic
+  c.max_microbatch_size = 16  # the memory cap that the automatic choice respects
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = "98k"  # a name in bscan.model.SIZES
+  c.model.max_len = 1024  # the model's context (position table)
+  c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "pystdlib"  # pystdlib | text_files | tfds
+  c.data.tfds_name = ""  # e.g. lm1b, c4, pg19, tiny_shakespeare (data.name=tfds)
+  c.data.text_key = "text"  # the text feature (pg19: book_text)
+  c.data.data_dir = ""  # '' = $BSCAN_DATA_DIR or ~/.cache/bscan/tensorflow_datasets
+  c.data.glob = ""  # local text files (data.name=text_files)
+  c.data.include_tests = False  # pystdlib: include test packages of the stdlib
+  c.data.max_files = 0  # pystdlib: a deterministic subset (0 = all files)
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.eval_sequences = 64  # size of the fixed held-out evaluation set
+  c.data.worker_count = 0  # grain workers (0 = in-process)
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.name = "bytes"  # bytes | sentencepiece | tiktoken
+  c.tokenizer.vocab_size = 4096  # sentencepiece: trained vocabulary size
+  c.tokenizer.path = ""  # sentencepiece: a model file ('' = train on the corpus, cached)
+  c.tokenizer.encoding = "gpt2"  # tiktoken encoding name
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3  # peak learning rate (lr_rule=fixed)
+  c.optim.lr_rule = "fixed"  # fixed | kaplan (eq. D.1 from the model's N)
+  c.optim.lr_scale = 1.0  # multiplies the kaplan rule
+  c.optim.batch_scaling = "none"  # none | sqrt | linear in batch_size / reference_batch
+  c.optim.reference_batch = 0  # sequences; the batch at which the rule gives lr
+  c.optim.schedule = "constant"  # constant (after warmup; for scans) | cosine | linear
+  c.optim.warmup_tokens = 0  # warmup in tokens, so all batch sizes warm up on equal data
+  c.optim.final_lr_fraction = 0.1  # cosine / linear decay floor
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.clip_norm = 1.0  # 0 = no clipping
+
+  c.budget = ml_collections.ConfigDict()
+  c.budget.train_tokens = 0  # fixed token budget (0 = unset)
+  c.budget.train_steps = 0  # or a step budget (0 = unset)
+  c.budget.target_loss = 0.0  # or stop once the smoothed train loss reaches this...
+  c.budget.max_tokens = 0  # ...with this cap in tokens
+  c.budget.overshoot = 0.1  # keep going this fraction of steps past the target
+  c.budget.loss_smoothing = 0.9  # EMA decay of the train loss for the stop condition
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # linear eval cadence (0 = off)
+  c.eval.per_decade = 8  # log-spaced evals: this many per decade of steps (0 = off)
+  c.log_every_steps = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 200
+  c.checkpoint.keep = 2
+
+  c.noise = ml_collections.ConfigDict()
+  c.noise.enabled = True  # B_simple every step
+  c.noise.ema_decay = 0.95
+  c.noise.group_every = 50  # log per-layer-group estimates every N steps (0 = never)
+  c.noise.hessian_every = 0  # Hessian-weighted B_noise every N steps (0 = off)
+  c.noise.curvature = "hessian"  # hessian | gauss_newton
+  return c
+
+
+# Scan axes every experiment file accepts in its `arg` (batch in sequences).
+COMMON_ARGS = ("size", "batch", "lr", "seed", "microbatch", "seq_len", "target", "max_tokens",
+               "tokens", "steps")
+
+
+def apply_args(c: ml_collections.ConfigDict, args: dict) -> ml_collections.ConfigDict:
+  """Writes the scanned values of `arg` into the config; derived values are computed later."""
+  fields = {"size": "model.size", "batch": "batch_size", "lr": "optim.lr", "seed": "seed",
+            "microbatch": "microbatch_size", "seq_len": "seq_len", "target": "budget.target_loss",
+            "max_tokens": "budget.max_tokens", "tokens": "budget.train_tokens",
+            "steps": "budget.train_steps"}
+  for key, value in args.items():
+    if key in fields:
+      *parents, leaf = fields[key].split(".")
+      node = c
+      for p in parents:
+        node = node[p]
+      node[leaf] = type(node[leaf])(value)
+  return c
