@@ -114,6 +114,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(f"{field}={_get(cfg, field)} must be ≥ 0")
   if not 0.0 <= cfg.noise.ema_decay < 1.0:
     raise ConfigError(f"noise.ema_decay={cfg.noise.ema_decay} must be in [0, 1)")
+  if cfg.noise.hessian_every and layout(cfg, num_devices).num_microbatches < 2:
+    raise ConfigError("noise.hessian_every needs ≥ 2 microbatches per device (one is held out "
+                      "for H·v); lower microbatch_size or set noise.hessian_every=0")
   if cfg.noise.curvature not in ("hessian", "gauss_newton"):
     raise ConfigError(f"noise.curvature={cfg.noise.curvature!r}; use 'hessian' or "
                       "'gauss_newton'")

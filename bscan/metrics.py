@@ -75,7 +75,7 @@ def write_status(workdir: epath.PathLike, status: str, reason: str, step: int,
   tmp.write_text(json.dumps({
       "status": status, "reason": reason, "step": step, "tokens": tokens,
       "updated": datetime.datetime.now(datetime.timezone.utc).isoformat()}))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def read_status(workdir: epath.PathLike) -> dict[str, Any] | None:

@@ -134,7 +134,16 @@ class Transformer(nn.Module):
     return embed.attend(x_BxTxD).astype(jnp.float32)
 
 
+def logits_fn(model: Transformer, params, batch_BxT1: jax.Array) -> jax.Array:
+  """Logits for the inputs of a packed batch int32[B, T+1]."""
+  return model.apply({"params": params}, batch_BxT1[:, :-1])
+
+
+def cross_entropy(logits_BxTxV: jax.Array, batch_BxT1: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy (nats/token) against the targets of a packed batch."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch_BxT1[:, 1:]).mean()
+
+
 def loss_fn(model: Transformer, params, batch_BxT1: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy (nats/token) of a packed batch int32[B, T+1]."""
-  logits = model.apply({"params": params}, batch_BxT1[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch_BxT1[:, 1:]).mean()
+  return cross_entropy(logits_fn(model, params, batch_BxT1), batch_BxT1)

@@ -152,9 +152,14 @@ class Trainer:
     self.lr = optim.schedule(cfg, derived["learning_rate"])
     tx = optim.optimizer(cfg, self.lr)
     self.train_step = step_lib.make_train_step(self.loss_fn, tx, self.lr, self.sc, self.mesh)
+    self.hessian_fn = None
+    if cfg.noise.hessian_every:
+      curvature = "hessian" if cfg.noise.curvature == "hessian" else noise_scale.GaussNewton(
+          lambda p, b: model_lib.logits_fn(model, p, b), model_lib.cross_entropy)
+      self.hessian_fn = step_lib.make_hessian_fn(self.loss_fn, self.sc, self.mesh, curvature)
     dummy = np.zeros((1, cfg.seq_len), np.int32)
     init_params = lambda rng: model.init(rng, dummy)["params"]
-    groups = tuple(noise_scale.group_sq_norms(jax.eval_shape(init_params, jax.random.key(0))))
+    groups = noise_scale.param_groups(jax.eval_shape(init_params, jax.random.key(0)))
     self.state = step_lib.init_state(init_params, tx, jax.random.key(cfg.seed), self.mesh, groups)
     self.data_iter = data_lib.make_train_iterator(
         cfg, process_index=jax.process_index(), process_count=jax.process_count())
@@ -201,7 +206,12 @@ class Trainer:
       while outcome is None and step < self.max_steps and not self._stop_due(step):
         local = next(self.data_iter)
         batch = jax.make_array_from_process_local_data(self.batch_sharding, local)
+        if self.hessian_fn and (step + 1) % self.cfg.noise.hessian_every == 0:
+          hessian = self.hessian_fn(self.state.params, batch)  # on the params this step uses
+        else:
+          hessian = {}
         self.state, train_metrics = self.train_step(self.state, batch)
+        train_metrics = {**train_metrics, **hessian}
         step += 1
         eval_loss = (self.eval_fn(self.state.params, self.eval_tokens)
                      if eval_due(step, self.cfg) or step == self.max_steps else None)
@@ -271,6 +281,11 @@ class Trainer:
       for key, value in m.items():
         if key.startswith("ns_group/") and key.endswith("/b_simple"):
           cols[key + "_tokens"] = float(value)
+    if "b_noise" in m:  # Hessian-weighted, on its cadence; NaN (null) when GᵀHG ≤ 0
+      cols.update({k: float(m[k]) for k in ("ns_q_small", "ns_q_big", "ns_ghg", "ns_trhs",
+                                            "ns_b_noise_undefined")})
+      cols["b_noise_tokens"] = float(m["b_noise"])
+      cols["b_noise_seqs"] = float(m["b_noise"]) / seq
     return cols
 
   def _track_target(self, step: int, loss: float) -> None:

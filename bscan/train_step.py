@@ -173,3 +173,20 @@ def make_eval_fn(loss_fn: LossFn, mesh: Mesh, chunk: int) -> Callable:
     return jnp.mean(lax.map(lambda c: loss_fn(params, c), chunks))
 
   return jax.jit(evaluate, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P())))
+
+
+def make_hessian_fn(loss_fn: LossFn, sc: StepConfig, mesh: Mesh,
+                    curvature: noise_scale.Curvature = "hessian") -> Callable:
+  """jit(fn)(params, batch) -> B_noise terms; each device holds out its last microbatch for H·v.
+
+  H must come from data independent of the gradients it multiplies (DESIGN.md), so the
+  gradients use the other K−1 microbatches: B_small is unchanged, B_big = (K−1)·D·B_small.
+  """
+
+  def per_device(params, batch):
+    mbs = batch.reshape(sc.num_microbatches, sc.microbatch, batch.shape[-1])
+    return noise_scale.hessian_noise_terms(loss_fn, params, mbs[:-1], mbs[-1], sc.b_small,
+                                           curvature=curvature, axis_name="data")
+
+  fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+  return jax.jit(fn, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))

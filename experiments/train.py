@@ -5,6 +5,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally :ARG.",
@@ -29,6 +30,8 @@ def _is_multihost_job() -> bool:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   # Must precede every other JAX call (DESIGN.md pitfall).
   if _MULTIHOST.value == "on" or (_MULTIHOST.value == "auto" and _is_multihost_job()):
     import jax  # pylint: disable=g-import-not-at-top

@@ -29,12 +29,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = "validation"
   c.data.eval_sequences = 64  # size of the fixed held-out evaluation set
   c.data.worker_count = 0  # grain workers (0 = in-process)
+  c.data.shuffle_window = 4096  # packed sequences shuffled within this window
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.name = "bytes"  # bytes | sentencepiece | tiktoken
   c.tokenizer.vocab_size = 4096  # sentencepiece: trained vocabulary size
   c.tokenizer.path = ""  # sentencepiece: a model file ('' = train on the corpus, cached)
   c.tokenizer.encoding = "gpt2"  # tiktoken encoding name
+  c.tokenizer.train_bytes = 20_000_000  # sentencepiece: corpus sample it is trained on
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3  # peak learning rate (lr_rule=fixed)

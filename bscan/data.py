@@ -1,0 +1,294 @@
+"""The input pipeline: corpus -> tokenize -> EOS-separate -> pack -> int32 [B, T+1] batches.
+
+Train: each process takes its own shard of documents, shuffles them by cfg.seed (afresh
+each epoch), tokenizes, packs with grain's concat-then-split, shuffles the packed
+sequences within a window (so a batch mixes many documents), and batches. The iterator
+is a grain DatasetIterator: get_state()/set_state() and orbax's
+grain.checkpoint.CheckpointSave/Restore reproduce the next batch exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+import functools
+import hashlib
+import os
+
+from absl import logging
+from etils import epath
+import grain
+import ml_collections
+import numpy as np
+
+from bscan import datasets
+from bscan import tokenizers
+
+# Packed sequences are shuffled within windows of this many (2 MB of int32 at T=128):
+# large enough that one batch draws from dozens of documents, small enough that a
+# restore (which refills one window) takes a fraction of a second.
+DEFAULT_SHUFFLE_WINDOW = 4096
+# Eval documents are read (in a fixed order) until this many times the needed tokens,
+# then the eval sequences are spread evenly over them: a fixed but varied held-out set.
+_EVAL_OVERSAMPLE = 16
+# Fixed seed for orders that must not depend on cfg.seed (eval set, tokenizer sample).
+_FIXED_SEED = 1234
+_SP_TRAIN_BYTES = 20_000_000
+
+
+def _data_dir(cfg: ml_collections.ConfigDict) -> epath.Path:
+  return datasets.data_dir(cfg.data.get("data_dir", ""))
+
+
+def _text_key(cfg: ml_collections.ConfigDict) -> str:
+  return cfg.data.text_key if cfg.data.name == "tfds" else "text"
+
+
+def get_source(cfg: ml_collections.ConfigDict, split: str) -> Sequence[dict]:
+  """Random-access records of one split of cfg.data's corpus (builds pystdlib on first use)."""
+  name = cfg.data.name
+  if name == "pystdlib":
+    return datasets.pystdlib_source(cfg.data.include_tests, cfg.data.get("max_files", 0),
+                                    _data_dir(cfg), split)
+  if name == "text_files":
+    return datasets.text_files_source(cfg.data.glob, split)
+  if name == "tfds":
+    return datasets.tfds_source(cfg.data.tfds_name, split, _data_dir(cfg))
+  raise ValueError(f"cfg.data.name={name!r} is not one of {datasets.DATASET_NAMES}.")
+
+
+def dataset_key(cfg: ml_collections.ConfigDict) -> str:
+  """Names the corpus (for caches): differs whenever the documents could differ."""
+  name = cfg.data.name
+  if name == "pystdlib":
+    return "pystdlib-" + datasets.pystdlib_config_name(
+        cfg.data.include_tests, cfg.data.get("max_files", 0))
+  if name == "text_files":
+    listing = "\n".join(datasets.glob_files(cfg.data.glob))
+    return "text_files-" + hashlib.sha256(listing.encode()).hexdigest()[:16]
+  return "tfds-" + cfg.data.tfds_name.replace("/", "_").replace(":", "_")
+
+
+def _fixed_order(n: int) -> np.ndarray:
+  return np.random.default_rng(_FIXED_SEED).permutation(n)
+
+
+def _iter_texts(source: Sequence[dict], key: str, max_bytes: int) -> Iterator[str]:
+  """Documents as str in a fixed pseudo-random order, until ~max_bytes are read."""
+  total = 0
+  for i in _fixed_order(len(source)):
+    text = source[int(i)][key]
+    text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+    yield text
+    total += len(text)
+    if total >= max_bytes:
+      return
+
+
+@functools.cache
+def _load_sentencepiece(path: str) -> tokenizers.SentencePieceTokenizer:
+  return tokenizers.SentencePieceTokenizer(epath.Path(path).read_bytes())
+
+
+def get_tokenizer(cfg: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
+  """The tokenizer cfg.tokenizer names; trains and caches SentencePiece on first use."""
+  tok = cfg.tokenizer
+  if tok.name == "bytes":
+    return tokenizers.BytesTokenizer()
+  if tok.name == "tiktoken":
+    return tokenizers.TiktokenTokenizer.from_name(tok.encoding)
+  if tok.name != "sentencepiece":
+    raise ValueError(f"cfg.tokenizer.name={tok.name!r} is not one of "
+                     f"{tokenizers.TOKENIZER_NAMES}.")
+  if tok.get("path", ""):
+    return _load_sentencepiece(tok.path)
+  # Keyed by corpus and vocab so no two corpora or sizes share a model.
+  path = (_data_dir(cfg) / "bscan_tokenizers" /
+          f"{dataset_key(cfg)}-sp{tok.vocab_size}.model")
+  if not path.exists():
+    train_bytes = tok.get("train_bytes", _SP_TRAIN_BYTES)
+    logging.info("Training SentencePiece (vocab %d) on %d bytes -> %s",
+                 tok.vocab_size, train_bytes, path)
+    source = get_source(cfg, cfg.data.train_split)
+    model = tokenizers.SentencePieceTokenizer.train(
+        _iter_texts(source, _text_key(cfg), train_bytes), tok.vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write-then-rename: concurrent runs never read a half-written model.
+    tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
+    tmp.write_bytes(model.model_proto)
+    tmp.rename(path)
+  return _load_sentencepiece(os.fspath(path))
+
+
+class _Tokenize(grain.transforms.Map):
+  """Record -> {'tokens': int32 ids of its text, then EOS}."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, key: str):
+    self._tokenizer = tokenizer
+    self._key = key
+    self._eos = np.asarray([tokenizer.eos_id], np.int32)
+
+  def map(self, record: dict) -> dict:
+    return {"tokens": np.concatenate([self._tokenizer.encode_np(record[self._key]), self._eos])}
+
+
+def _restore_tuples(state):
+  """Undoes JSON's tuple -> list on concat-then-split's `remainder_slices`."""
+  if isinstance(state, dict):
+    return {k: ({f: tuple(sl) for f, sl in v.items()} if k == "remainder_slices"
+                else _restore_tuples(v)) for k, v in state.items()}
+  if isinstance(state, list):
+    return [_restore_tuples(v) for v in state]
+  return state
+
+
+class _JsonSafeIterator(grain.DatasetIterator):
+  """Makes a pipeline's state survive JSON, as orbax's grain handler stores it.
+
+  grain 0.2.18's ConcatThenSplit compares its slices with the tuple (-1, -1); after a
+  JSON round trip they are lists, the comparison fails and a restored iterator yields a
+  different batch. Restoring the tuples fixes it.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(_restore_tuples(state))
+
+
+def _packed_tokens(packed: dict) -> np.ndarray:
+  return packed["tokens"]  # drops the *_segment_ids/*_positions packing adds
+
+
+def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """Infinite, checkpointable iterator of this process's int32 [B/process_count, T+1]."""
+  if cfg.batch_size % process_count:
+    raise ValueError(f"cfg.batch_size={cfg.batch_size} is not divisible by the "
+                     f"process count {process_count}.")
+  tokenizer = get_tokenizer(cfg)
+  source = get_source(cfg, cfg.data.train_split)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError(f"Split {cfg.data.train_split!r} has {len(source)} documents, too few "
+                     f"for {process_count} processes.")
+  # shuffle-then-repeat: repeat() reseeds the shuffle, so every epoch has a new order.
+  ds = ds.shuffle(seed=cfg.seed).repeat().map(_Tokenize(tokenizer, _text_key(cfg)))
+  # Read in the calling thread: reader threads measured no faster here (the GIL), and
+  # slower on short documents. Parallelism comes from worker_count (grain processes).
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  it = grain.experimental.ConcatThenSplitIterDataset(
+      it, length_struct={"tokens": cfg.seq_len + 1})
+  it = it.map(_packed_tokens)
+  it = grain.experimental.WindowShuffleIterDataset(
+      it, window_size=cfg.data.get("shuffle_window", DEFAULT_SHUFFLE_WINDOW),
+      seed=cfg.seed + process_index)
+  it = it.batch(cfg.batch_size // process_count, drop_remainder=True)
+  if cfg.data.get("worker_count", 0) > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
+  return _JsonSafeIterator(iter(it))
+
+
+def _eval_tokens(cfg: ml_collections.ConfigDict, max_tokens: int) -> np.ndarray:
+  """EOS-separated tokens of eval documents in a fixed order, up to ~max_tokens."""
+  tokenizer = get_tokenizer(cfg)
+  source = get_source(cfg, cfg.data.eval_split)
+  key, eos = _text_key(cfg), np.asarray([tokenizer.eos_id], np.int32)
+  chunks, total = [], 0
+  for i in _fixed_order(len(source)):
+    chunks += [tokenizer.encode_np(source[int(i)][key]), eos]
+    total += len(chunks[-2]) + 1
+    if total >= max_tokens:
+      break
+  return np.concatenate(chunks) if chunks else np.zeros([0], np.int32)
+
+
+def make_eval_batches(cfg: ml_collections.ConfigDict) -> np.ndarray:
+  """The fixed held-out set: int32 [cfg.data.eval_sequences, T+1] from the eval split."""
+  n, length = cfg.data.eval_sequences, cfg.seq_len + 1
+  tokens = _eval_tokens(cfg, _EVAL_OVERSAMPLE * n * length)
+  available = len(tokens) // length
+  if available < n:
+    raise ValueError(
+        f"cfg.data.eval_sequences={n}: split {cfg.data.eval_split!r} holds only "
+        f"{available} sequences of {length} tokens; lower eval_sequences or seq_len.")
+  sequences = tokens[:available * length].reshape(available, length)
+  # Spread over everything read, so the set spans many documents, not the first few.
+  return np.ascontiguousarray(sequences[np.linspace(0, available - 1, n).astype(np.int64)])
+
+
+def unigram_entropy(cfg: ml_collections.ConfigDict, max_tokens: int = 1 << 25) -> float:
+  """Entropy (nats/token) of the train split's unigram distribution, EOS included.
+
+  The loss of a model that ignores context: a trained model must beat it.
+  """
+  tokenizer = get_tokenizer(cfg)
+  source = get_source(cfg, cfg.data.train_split)
+  key = _text_key(cfg)
+  counts = np.zeros([tokenizer.vocab_size], np.int64)
+  total = 0
+  for i in _fixed_order(len(source)):
+    ids = tokenizer.encode_np(source[int(i)][key])
+    counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+    counts[tokenizer.eos_id] += 1
+    total += len(ids) + 1
+    if total >= max_tokens:
+      break
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the bad field and the fix; reads no data, builds nothing."""
+  def require(ok: bool, message: str) -> None:
+    if not ok:
+      raise ValueError(message)
+
+  d, tok = cfg.data, cfg.tokenizer
+  require(d.name in datasets.DATASET_NAMES,
+          f"cfg.data.name={d.name!r} is unknown; use one of {datasets.DATASET_NAMES}.")
+  require(cfg.seq_len >= 1, f"cfg.seq_len={cfg.seq_len} must be >= 1.")
+  require(cfg.batch_size >= 1, f"cfg.batch_size={cfg.batch_size} must be >= 1.")
+  require(d.eval_sequences >= 1, f"cfg.data.eval_sequences={d.eval_sequences} must be >= 1.")
+  require(d.get("worker_count", 0) >= 0,
+          f"cfg.data.worker_count={d.get('worker_count')} must be >= 0 (0 = in-process).")
+  require(d.get("shuffle_window", DEFAULT_SHUFFLE_WINDOW) >= 1,
+          "cfg.data.shuffle_window must be >= 1.")
+  for field in ("train_split", "eval_split"):
+    require(bool(d.get(field, "")), f"cfg.data.{field} is empty; e.g. 'train' / 'validation'.")
+  if d.name == "pystdlib":
+    require(d.get("max_files", 0) >= 0, f"cfg.data.max_files={d.max_files} must be >= 0 "
+            "(0 = all files).")
+    require(os.path.isdir(datasets.stdlib_dir()), f"cfg.data.name='pystdlib': the stdlib "
+            f"directory {datasets.stdlib_dir()} does not exist; use name='text_files'.")
+    require(d.get("max_files", 0) != 1, "cfg.data.max_files=1 leaves no validation file; "
+            "use 0 (all) or >= 2.")
+  elif d.name == "text_files":
+    require(bool(d.get("glob", "")), "cfg.data.glob is empty; set it to your files, e.g. "
+            "'~/corpus/**/*.txt'.")
+    n = len(datasets.glob_files(d.glob))
+    require(n >= 2, f"cfg.data.glob={d.glob!r} matches {n} files; it needs >= 2 (files are "
+            "split into train/validation by path hash).")
+  elif d.name == "tfds":
+    require(bool(d.get("tfds_name", "")), "cfg.data.tfds_name is empty; e.g. 'lm1b'.")
+    require(bool(d.get("text_key", "")), "cfg.data.text_key is empty; e.g. 'text' "
+            "('book_text' for pg19).")
+  require(tok.name in tokenizers.TOKENIZER_NAMES, f"cfg.tokenizer.name={tok.name!r} is "
+          f"unknown; use one of {tokenizers.TOKENIZER_NAMES}.")
+  if tok.name == "sentencepiece":
+    if tok.get("path", ""):
+      require(epath.Path(tok.path).exists(),
+              f"cfg.tokenizer.path={tok.path!r} does not exist; fix it, or set it to '' to "
+              "train a model on the corpus.")
+    else:
+      # byte_fallback takes 256 pieces, the corpus's common characters ~100 more.
+      require(tok.get("vocab_size", 0) >= 512, f"cfg.tokenizer.vocab_size="
+              f"{tok.get('vocab_size')} is too small for SentencePiece; use >= 512.")
+  elif tok.name == "tiktoken":
+    require(bool(tok.get("encoding", "")), "cfg.tokenizer.encoding is empty; e.g. 'gpt2'.")
