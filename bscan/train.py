@@ -263,6 +263,10 @@ class Trainer:
     row.update(self._noise_columns(step, m))
     if step % self.cfg.log_every_steps == 0 or eval_loss is not None or not math.isfinite(loss):
       self.writer.write(row)
+    if eval_loss is not None and self.is_main:
+      print(f"step {step:>6}  tokens {row['tokens']:>11,}  train {loss:.4f}  eval "
+            f"{row['eval_loss']:.4f}  B_simple {row.get('b_simple_tokens', float('nan')):>9.0f} "
+            f"tokens  {row['tokens_per_s']:>8.0f} tokens/s", flush=True)
     if not math.isfinite(loss):
       self._diverged_step = step
       return "diverged"

@@ -1,0 +1,282 @@
+r"""Runs every point of a sweep on this machine, N at a time, resumably.
+
+  python -m launch.local --config=experiments/configs/scan.py --workdir=runs/scan \
+      [--parallel=2] [--noanalysis]
+
+Each point runs as `python -m experiments.train --config=FILE:ARG --workdir=POINT_DIR
+--multihost=off` with its output in SWEEP_DIR/logs/<point>.log. Points whose status.json
+says done or diverged are skipped; others (new, interrupted, failed) run, and the trainer
+resumes them from their checkpoint. A lock file per point (see launch/locks.py) keeps two
+launchers sharing a sweep from running a point twice. A failing point never stops the
+others; the exit code is 1 if any failed. Ctrl-C (SIGINT) or SIGTERM stops launching and
+sends SIGTERM to the running trainers, which checkpoint and exit; rerun to resume.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import IO, Any
+
+from absl import app
+from absl import flags
+import tqdm
+
+from bscan import sweep as sweep_lib
+from launch import locks
+from launch import workdirs
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this binary's flags (only when run as one, so the module imports cleanly)."""
+  flags.DEFINE_string("config", None, "Scan config file defining sweep().", required=True)
+  flags.DEFINE_string("workdir", None, "Sweep dir (local path or gs://).", required=True)
+  flags.DEFINE_integer("parallel", 1, "Points run at the same time.")
+  flags.DEFINE_string(
+      "trainer", "experiments.train", "Trainer module (python -m) or .py file run per point.")
+  flags.DEFINE_string("python", sys.executable, "Python interpreter for the trainer.")
+  flags.DEFINE_string(
+      "lock_dir", "", "Where per-point locks live: a local/NFS path. Default SWEEP_DIR/.locks; "
+      "for gs:// sweeps ~/.cache/bscan/locks/<sweep> (only launchers on this host see it).")
+  flags.DEFINE_string(
+      "trainer_logs", "",
+      "Trainer logs. Default SWEEP_DIR/logs; ~/.cache/bscan/logs/<sweep> for gs:// sweeps.")
+  flags.DEFINE_boolean("analysis", True, "Run python -m bscan.analysis at the end.")
+  flags.DEFINE_float(
+      "term_timeout_s", 120.0, "Seconds a trainer gets after SIGTERM to checkpoint, then SIGKILL.")
+
+
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
+@dataclasses.dataclass
+class _Running:
+  """A trainer child process and what it holds."""
+
+  point: sweep_lib.ExpandedPoint
+  proc: subprocess.Popen[bytes]
+  lock: locks.PointLock
+  log: IO[bytes]
+  log_path: str
+  start: float
+  terminated: bool = False
+  term_time: float = 0.0
+
+
+def trainer_command(python: str, trainer: str, config: str, point: sweep_lib.ExpandedPoint,
+                    multihost: str = "off") -> list[str]:
+  """argv of one point's trainer run."""
+  target = [trainer] if trainer.endswith(".py") else ["-m", trainer]
+  return [python, *target, f"--config={config}:{point.arg}", f"--workdir={point.workdir}",
+          f"--multihost={multihost}"]
+
+
+def default_state_dir(sweep_dir: str, kind: str) -> str:
+  """Default lock/log dir: inside a local sweep dir, under ~/.cache for a gs:// one."""
+  if str(sweep_dir).startswith("gs://"):
+    key = hashlib.sha256(str(sweep_dir).encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(str(sweep_dir).rstrip("/")))
+    return os.path.join(os.path.expanduser("~/.cache/bscan"), kind, f"{name}-{key}")
+  return os.path.join(sweep_dir, "." + kind if kind == "locks" else kind)
+
+
+def _last_line(path: str) -> str:
+  try:
+    with open(path, "rb") as f:
+      f.seek(max(0, os.path.getsize(path) - 4096))
+      lines = [l for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+    return lines[-1].strip() if lines else ""
+  except OSError:
+    return ""
+
+
+@dataclasses.dataclass
+class LocalSweep:
+  """Runs the points of a sweep as local subprocesses, at most `parallel` at a time."""
+
+  config: str
+  sweep_dir: str
+  parallel: int = 1
+  trainer: str = "experiments.train"
+  python: str = sys.executable
+  lock_dir: str = ""
+  log_dir: str = ""
+  term_timeout_s: float = 120.0
+  counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+  _stopping: int = 0
+
+  def __post_init__(self):
+    if self.parallel < 1:
+      raise ValueError(f"--parallel must be >= 1, got {self.parallel}")
+    self._default_lock_dir = not self.lock_dir
+    self.lock_dir = self.lock_dir or default_state_dir(self.sweep_dir, "locks")
+    self.log_dir = self.log_dir or default_state_dir(self.sweep_dir, "logs")
+
+  def _say(self, text: str) -> None:
+    tqdm.tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+
+  def _on_signal(self, signum: int, frame: Any) -> None:
+    del signum, frame  # no I/O here: the main loop reports it
+    self._stopping += 1
+
+  def _start(self, point: sweep_lib.ExpandedPoint, lock: locks.PointLock) -> _Running:
+    log_path = os.path.join(self.log_dir, sweep_lib.point_relpath(point.point) + ".log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    log = open(log_path, "ab")
+    cmd = trainer_command(self.python, self.trainer, self.config, point)
+    log.write(f"\n$ {' '.join(cmd)}\n".encode())
+    log.flush()
+    # The child ignores SIGINT (an ignored signal stays ignored across exec, and Python then
+    # installs no KeyboardInterrupt handler): Ctrl-C reaches the whole process group, and the
+    # trainer must get SIGTERM from us and checkpoint instead of dying mid-step.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+      proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    finally:
+      signal.signal(signal.SIGINT, previous)
+    lock.set_child(proc.pid)
+    return _Running(point, proc, lock, log, log_path, time.time())
+
+  def _finish(self, r: _Running) -> str:
+    """Reads the finished point's status and returns its outcome (and counts it)."""
+    r.log.close()
+    r.lock.release()
+    status = workdirs.read_status(r.point.workdir)
+    rc = r.proc.returncode
+    if workdirs.is_final(status):
+      outcome, text = workdirs.state(status), workdirs.describe(status)
+    elif r.terminated:
+      outcome, text = "interrupted", f"interrupted at {workdirs.describe(status)}; rerun resumes it"
+    elif rc != 0:
+      reason = (status or {}).get("reason") if (status or {}).get("status") == "failed" else ""
+      outcome = "failed"
+      text = f"failed: {reason or f'exit code {rc}'}; last log line: {_last_line(r.log_path)!r}"
+    else:
+      outcome = "failed"
+      text = f"failed: trainer exited 0 but status is {workdirs.describe(status)}"
+    self.counts[outcome] += 1
+    self._say(f"{r.point.arg}: {text} [{time.time() - r.start:.0f}s, log {r.log_path}]")
+    return outcome
+
+  def run(self) -> int:
+    """Runs all unfinished points; returns the exit code (0 ok, 1 failures, 130 interrupted)."""
+    sweep = sweep_lib.load_sweep(self.config)
+    workdirs.check_access(self.sweep_dir)
+    sweep_lib.write_sweep_json(self.config, sweep, self.sweep_dir)
+    points = sweep_lib.expand(sweep, self.sweep_dir)
+    # A point whose status changes after this snapshot was run by another launcher meanwhile.
+    snapshot = {p.workdir: workdirs.read_status(p.workdir) for p in points}
+    pending = collections.deque(p for p in points if not workdirs.is_final(snapshot[p.workdir]))
+    if self.sweep_dir.startswith("gs://") and self._default_lock_dir:
+      self._say(f"note: locks in {self.lock_dir} guard only against launchers on this host; "
+                "pass --lock_dir=<NFS path> to share a gs:// sweep between machines")
+    self._say(f"sweep {self.config}: {len(points)} points, {len(points) - len(pending)} already "
+              f"finished, targets {list(sweep.targets)}, parallel {self.parallel}")
+    old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm.tqdm(total=len(points), initial=len(points) - len(pending), unit="point",
+                    desc="points", file=sys.stderr, dynamic_ncols=True)
+    running: list[_Running] = []
+    announced = 0
+    try:
+      while running or (pending and not self._stopping):
+        while pending and not self._stopping and len(running) < self.parallel:
+          point = pending.popleft()
+          lock = locks.PointLock(
+              os.path.join(self.lock_dir, sweep_lib.point_relpath(point.point) + ".lock"))
+          if not lock.try_acquire():
+            self.counts["elsewhere"] += 1
+            self._say(f"{point.arg}: skipped, running in another launcher: "
+                      f"{lock.describe_owner()}")
+            continue
+          status = workdirs.read_status(point.workdir)
+          if status != snapshot[point.workdir]:
+            lock.release()
+            self.counts["elsewhere"] += 1
+            self._say(f"{point.arg}: skipped, another launcher ran it meanwhile: "
+                      f"{workdirs.describe(status)}")
+            bar.update(workdirs.is_final(status))
+            continue
+          running.append(self._start(point, lock))
+        if self._stopping:
+          if self._stopping != announced:
+            announced = self._stopping
+            how = "terminating" if announced == 1 else "killing"
+            self._say(f"interrupted: stop launching, {how} {len(running)} running trainer(s)")
+          self._stop(running)
+        for r in [r for r in running if r.proc.poll() is not None]:
+          running.remove(r)
+          if self._finish(r) in workdirs.FINAL_STATES:
+            bar.update(1)
+        bar.set_postfix(running=len(running), failed=self.counts["failed"], refresh=False)
+        time.sleep(0.05)
+    finally:
+      for r in running:  # only on an unexpected error: leave no orphan holding a lock
+        r.proc.kill()
+        r.proc.wait()
+        r.lock.release()
+      bar.close()
+      for s, h in old_handlers.items():
+        signal.signal(s, h)
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items())) or "nothing to run"
+    self._say(f"sweep {self.sweep_dir}: {summary}")
+    if self._stopping:
+      return EXIT_INTERRUPTED
+    return EXIT_FAILED if self.counts["failed"] else 0
+
+  def _stop(self, running: Sequence[_Running]) -> None:
+    """SIGTERM each trainer once (it checkpoints); SIGKILL after a timeout or a 2nd signal."""
+    now = time.time()
+    for r in running:
+      if not r.terminated:
+        r.terminated, r.term_time = True, now
+        r.proc.terminate()
+      elif self._stopping > 1 or now - r.term_time > self.term_timeout_s:
+        r.proc.kill()
+
+
+def run_analysis(sweep_dir: str, python: str = sys.executable) -> int:
+  """Runs `python -m bscan.analysis` on the sweep; returns its exit code (0 when absent)."""
+  try:  # bscan.analysis is optional here: the launcher works before it exists
+    available = importlib.util.find_spec("bscan.analysis.__main__") is not None
+  except ImportError:
+    available = False
+  if not available:
+    print("analysis skipped: bscan.analysis is not available", flush=True)
+    return 0
+  out = f"{sweep_dir.rstrip('/')}/analysis"
+  cmd = [python, "-m", "bscan.analysis", f"--workdir={sweep_dir}", f"--out={out}"]
+  print(f"analysis: {' '.join(cmd)}", flush=True)
+  rc = subprocess.run(cmd, check=False).returncode
+  print(f"analysis {'written to ' + out if rc == 0 else f'failed (exit code {rc})'}", flush=True)
+  return rc
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    rc = LocalSweep(config=FLAGS.config, sweep_dir=FLAGS.workdir, parallel=FLAGS.parallel,
+                    trainer=FLAGS.trainer, python=FLAGS.python, lock_dir=FLAGS.lock_dir,
+                    log_dir=FLAGS.trainer_logs, term_timeout_s=FLAGS.term_timeout_s).run()
+  except (FileNotFoundError, ValueError, TypeError, workdirs.WorkdirError) as e:
+    sys.exit(f"error: {e}")
+  if rc != EXIT_INTERRUPTED and FLAGS.analysis and run_analysis(FLAGS.workdir, FLAGS.python):
+    rc = rc or EXIT_FAILED
+  sys.exit(rc)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

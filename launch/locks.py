@@ -1,0 +1,130 @@
+"""One lock file per sweep point, so two launchers sharing a sweep never run a point twice.
+
+A lock is created atomically with O_CREAT|O_EXCL and holds the launcher's pid, the
+trainer child's pid, the host and the time. It is stale when it was written on this host
+and none of its pids is alive; a stale lock is broken under a short-lived '.break' lock so
+two launchers cannot both break it and both win. Locks need a POSIX file system (local
+disk or NFS). GCS has no O_EXCL, so for a gs:// sweep the locks live on a local or NFS
+path (`--lock_dir`); launchers on different machines must share that path to see each
+other's locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import time
+from typing import Any
+
+_BREAK_STALE_S = 60.0  # a '.break' lock (or an empty lock) older than this was left by a crash
+
+
+def pid_alive(pid: int) -> bool:
+  """Whether a process with this pid runs on this host (zombies count as dead)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  try:  # Linux: a zombie waits for its (dead) parent's reaper but runs nothing
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return True
+
+
+@dataclasses.dataclass
+class PointLock:
+  """An exclusive lock file for one point, e.g. LOCK_DIR/3m/b64/lr1e-3/s0.lock."""
+
+  path: str
+  held: bool = False
+
+  def owner(self) -> dict[str, Any] | None:
+    """The lock's content, or None when there is no lock file or it is unreadable."""
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None
+
+  def describe_owner(self) -> str:
+    """Who holds the lock, for messages."""
+    o = self.owner() or {}
+    return (f"pid {o.get('pid')} (trainer pid {o.get('child_pid')}) on {o.get('host')} "
+            f"since {o.get('time')}; lock file {self.path}")
+
+  def _write(self, fd: int, child_pid: int | None) -> None:
+    content = {"pid": os.getpid(), "child_pid": child_pid, "host": socket.gethostname(),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.write(fd, json.dumps(content).encode())
+
+  def _is_stale(self) -> bool:
+    o = self.owner()
+    if o is None:  # empty or torn: a launcher died between create and write, or is writing now
+      try:
+        return time.time() - os.path.getmtime(self.path) > _BREAK_STALE_S
+      except OSError:
+        return False
+    if o.get("host") != socket.gethostname():
+      return False  # cannot see another host's processes
+    pids = [p for p in (o.get("pid"), o.get("child_pid")) if isinstance(p, int)]
+    return not any(pid_alive(p) for p in pids)
+
+  def try_acquire(self) -> bool:
+    """Takes the lock; False when a live owner holds it. Breaks stale locks."""
+    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        if not self._break_if_stale():
+          return False
+        continue
+      try:
+        self._write(fd, None)
+      finally:
+        os.close(fd)
+      self.held = True
+      return True
+    return False
+
+  def _break_if_stale(self) -> bool:
+    """Removes a stale lock, serialised by a '.break' lock; True when it was removed."""
+    breaker = self.path + ".break"
+    with contextlib.suppress(OSError):
+      if time.time() - os.path.getmtime(breaker) > _BREAK_STALE_S:
+        os.unlink(breaker)
+    try:
+      os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+      return False  # another launcher is breaking it right now
+    try:
+      if not self._is_stale():  # re-check under the breaker: it may have been retaken
+        return False
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(self.path)
+      return True
+    finally:
+      os.unlink(breaker)
+
+  def set_child(self, child_pid: int) -> None:
+    """Records the trainer's pid, so the lock stays live if only the launcher dies."""
+    tmp = f"{self.path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    try:
+      self._write(fd, child_pid)
+    finally:
+      os.close(fd)
+    os.replace(tmp, self.path)  # atomic: readers see the old or the new owner, never neither
+
+  def release(self) -> None:
+    """Removes the lock if this object holds it."""
+    if self.held:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(self.path)
+      self.held = False

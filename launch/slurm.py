@@ -1,0 +1,218 @@
+r"""Runs a sweep on a SLURM cluster through submitit: one array task (job) per point.
+
+  python -m launch.slurm --config=experiments/configs/scan.py --workdir=/shared/runs/scan \
+      --partition=gpu --time=1440 --nodes=2 --gpus_per_node=8 --cpus_per_task=32 --mem=400G \
+      [--account=ACC] [--qos=QOS] [--setup='source ~/venv/bin/activate'] [--render_only]
+
+Each job runs one process per node (`--ntasks-per-node=1`) driving all of the node's GPUs:
+`python -m experiments.train --config=FILE:ARG --workdir=POINT_DIR --multihost=on` (off on a
+single node). jax.distributed.initialize() finds the job through SLURM's variables; by
+default it would give each process one GPU (its local rank), so the job sets
+JAX_LOCAL_DEVICE_IDS=0,...,G-1. Points already done or diverged are not submitted. On
+timeout or preemption, submitit signals the job, which sends SIGTERM to the trainer (it
+checkpoints) and requeues the point; the rerun resumes. --render_only prints the sbatch
+script and each point's command and submits nothing. Needs the `slurm` extra (submitit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app
+from absl import flags
+
+from bscan import sweep as sweep_lib
+from launch import workdirs
+
+try:
+  import submitit
+  from submitit.slurm import slurm as submitit_slurm
+except ImportError:  # the `slurm` extra; checked in main() with a clear message
+  submitit = None  # type: ignore[assignment]
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this binary's flags (only when run as one, so the module imports cleanly)."""
+  flags.DEFINE_string("config", None, "Scan config file defining sweep().", required=True)
+  flags.DEFINE_string("workdir", None, "Sweep dir on a shared file system (or gs://).",
+                      required=True)
+  flags.DEFINE_string("slurm_dir", "", "submitit folder (scripts, pickles, job logs) on "
+                                "a shared file system; default SWEEP_DIR/slurm.")
+  flags.DEFINE_string("partition", "", "SLURM partition.")
+  flags.DEFINE_integer("time", 24 * 60, "Time limit per job, minutes.")
+  flags.DEFINE_string("account", "", "SLURM account.")
+  flags.DEFINE_string("qos", "", "SLURM quality of service.")
+  flags.DEFINE_string("mem", "", "Memory per node, e.g. 64G ('' = cluster default).")
+  flags.DEFINE_integer("cpus_per_task", 0, "CPUs per task (= per node); 0 = default.")
+  flags.DEFINE_integer("nodes", 1, "Nodes per point (multi-host JAX when > 1).")
+  flags.DEFINE_integer("gpus_per_node", 0, "GPUs per node, all driven by one process.")
+  flags.DEFINE_string("constraint", "", "SLURM --constraint.")
+  flags.DEFINE_string("exclude", "", "SLURM --exclude (nodes).")
+  flags.DEFINE_multi_string("setup", [], "Shell lines run before the job (module load...).")
+  flags.DEFINE_string("job_name", "bscan", "SLURM job name.")
+  flags.DEFINE_integer("max_parallel", 256, "Array tasks running at the same time.")
+  flags.DEFINE_string("python", "", "Python on the nodes; default this interpreter.")
+  flags.DEFINE_string("trainer", "experiments.train",
+                                 "Trainer module (python -m) or .py file.")
+  flags.DEFINE_enum("executor", "slurm", ["slurm", "local", "debug"],
+                                "submitit executor; local/debug run here (for tests).")
+  flags.DEFINE_boolean("wait", False, "Wait for the jobs and report each point's outcome.")
+  flags.DEFINE_boolean("render_only", False, "Print the sbatch script; submit nothing.")
+
+
+_MEM_RE = re.compile(r"^[0-9]+[KMGT]?B?$")
+
+
+@dataclasses.dataclass
+class TrainPoint:
+  """What a job runs on each node: the trainer for one point, requeued on timeout."""
+
+  argv: list[str]
+  workdir: str
+  gpus_per_node: int = 0
+
+  def __call__(self) -> str:
+    status = workdirs.read_status(self.workdir)
+    if workdirs.is_final(status):  # e.g. requeued after it finished
+      return workdirs.describe(status)
+    env = dict(os.environ)
+    if self.gpus_per_node:  # one process per node drives all of the node's GPUs
+      env.setdefault("JAX_LOCAL_DEVICE_IDS", ",".join(map(str, range(self.gpus_per_node))))
+    self._proc = subprocess.Popen(self.argv, env=env)
+    rc = self._proc.wait()
+    status = workdirs.read_status(self.workdir)
+    if rc != 0 or not workdirs.is_final(status):
+      raise RuntimeError(f"trainer exited with code {rc}; {workdirs.describe(status)}")
+    return workdirs.describe(status)
+
+  def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+    """Called by submitit before timeout/preemption: let the trainer checkpoint, requeue."""
+    del args, kwargs
+    proc = getattr(self, "_proc", None)
+    if proc is not None and proc.poll() is None:
+      proc.terminate()
+      try:
+        proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+    return submitit.helpers.DelayedSubmission(
+        TrainPoint(self.argv, self.workdir, self.gpus_per_node))
+
+
+def slurm_parameters(*, job_name: str, partition: str, time: int, nodes: int, gpus_per_node: int,
+                     cpus_per_task: int, mem: str, account: str, qos: str, constraint: str,
+                     exclude: str, setup: Sequence[str], max_parallel: int) -> dict[str, Any]:
+  """sbatch parameters (submitit's names); empty values are left to the cluster's defaults."""
+  if mem and not _MEM_RE.match(mem):
+    raise ValueError(f"--mem={mem!r} is not a SLURM memory size like 64G or 500000M")
+  if nodes < 1 or gpus_per_node < 0 or time < 1:
+    raise ValueError(f"need --nodes >= 1, --gpus_per_node >= 0, --time >= 1; got {nodes}, "
+                     f"{gpus_per_node}, {time}")
+  params: dict[str, Any] = {
+      "job_name": job_name, "time": time, "nodes": nodes, "ntasks_per_node": 1,
+      "array_parallelism": max_parallel, "partition": partition, "account": account,
+      "qos": qos, "mem": mem, "constraint": constraint, "exclude": exclude,
+      "gpus_per_node": gpus_per_node, "cpus_per_task": cpus_per_task,
+      "setup": list(setup)}
+  return {k: v for k, v in params.items() if v not in ("", 0, [])}
+
+
+def trainer_argv(python: str, trainer: str, config: str, point: sweep_lib.ExpandedPoint,
+                 nodes: int) -> list[str]:
+  """One point's trainer command (run on every node of its job)."""
+  target = [trainer] if trainer.endswith(".py") else ["-m", trainer]
+  return [*shlex.split(python), *target, f"--config={config}:{point.arg}",
+          f"--workdir={point.workdir}", f"--multihost={'on' if nodes > 1 else 'off'}"]
+
+
+def render(params: dict[str, Any], folder: str, python: str, n_points: int) -> str:
+  """The sbatch script submitit would submit for n_points points (an array when > 1)."""
+  command = " ".join([shlex.quote(python), "-u -m submitit.core._submit",
+                      shlex.quote(os.path.join(folder, "%j"))])
+  return submitit_slurm._make_sbatch_string(  # pylint: disable=protected-access
+      command=command, folder=os.path.join(folder, "%j"),
+      map_count=n_points if n_points > 1 else None, **params)
+
+
+def _executor(kind: str, folder: str, python: str, params: dict[str, Any]) -> Any:
+  executor: Any
+  if kind == "slurm":
+    executor = submitit.SlurmExecutor(folder=os.path.join(folder, "%j"), python=python)
+    executor.update_parameters(**params)
+  elif kind == "local":
+    executor = submitit.LocalExecutor(folder=os.path.join(folder, "%j"), python=python)
+    executor.update_parameters(timeout_min=params["time"])
+  else:
+    executor = submitit.DebugExecutor(folder=os.path.join(folder, "%j"))
+  return executor
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if submitit is None:
+    sys.exit("error: launch.slurm needs submitit: pip install 'bscan[slurm]'")
+  sweep_dir = FLAGS.workdir
+  folder = FLAGS.slurm_dir or ("" if sweep_dir.startswith("gs://") else
+                             os.path.join(sweep_dir, "slurm"))
+  try:
+    if not folder:
+      raise ValueError("a gs:// sweep needs --slurm_dir on a shared file system for job files")
+    # Nodes may start elsewhere: give them an absolute config path.
+    config = os.path.abspath(FLAGS.config)
+    sweep = sweep_lib.load_sweep(config)
+    params = slurm_parameters(
+        job_name=FLAGS.job_name, partition=FLAGS.partition, time=FLAGS.time,
+        nodes=FLAGS.nodes, gpus_per_node=FLAGS.gpus_per_node, cpus_per_task=FLAGS.cpus_per_task,
+        mem=FLAGS.mem, account=FLAGS.account, qos=FLAGS.qos, constraint=FLAGS.constraint,
+        exclude=FLAGS.exclude, setup=FLAGS.setup, max_parallel=FLAGS.max_parallel)
+    points = sweep_lib.expand(sweep, sweep_dir)
+    if not FLAGS.render_only:
+      workdirs.check_access(sweep_dir)
+      sweep_lib.write_sweep_json(config, sweep, sweep_dir)
+      points = [p for p in points if not workdirs.is_final(workdirs.read_status(p.workdir))]
+  except (FileNotFoundError, ValueError, TypeError, workdirs.WorkdirError) as e:
+    sys.exit(f"error: {e}")
+  python = FLAGS.python or sys.executable
+  commands = [trainer_argv(python, FLAGS.trainer, config, p, FLAGS.nodes) for p in points]
+  if FLAGS.render_only:
+    for p, cmd in zip(points, commands):
+      print(f"# point {p.arg}\n#   {shlex.join(cmd)}")
+    print(render(params, os.path.abspath(folder), python, len(points)))
+    return
+  if not points:
+    print("every point is done or diverged; nothing to submit")
+    return
+  executor = _executor(FLAGS.executor, folder, python, params)
+  with executor.batch():
+    jobs = [executor.submit(TrainPoint(cmd, p.workdir, FLAGS.gpus_per_node))
+            for p, cmd in zip(points, commands)]
+  for p, job in zip(points, jobs):
+    print(f"{p.arg}: job {job.job_id} -> {p.workdir}")
+  if not FLAGS.wait:
+    print(f"submitted {len(jobs)} jobs; logs in {folder}; `squeue --me` to follow")
+    return
+  failed = 0
+  for p, job in zip(points, jobs):
+    try:
+      print(f"{p.arg}: {job.result()}")
+    except Exception as e:  # submitit re-raises the job's error with its traceback
+      failed += 1
+      lines = str(e).strip().splitlines() or [repr(e)]
+      print(f"{p.arg}: failed: " + next((l.strip() for l in reversed(lines)
+                                         if "trainer exited" in l), lines[0]))
+  sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

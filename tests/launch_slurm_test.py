@@ -1,0 +1,77 @@
+"""Tests for launch.slurm: rendered sbatch golden, submitit debug executor, requeue hook."""
+
+import json
+import os
+import subprocess
+import sys
+
+from launch import slurm
+from launch import workdirs
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+FIXTURE = os.path.join(TESTS, "sweep_fixture_config.py")
+
+
+def _cli(*args: str, steps: int = 3) -> subprocess.CompletedProcess:
+  env = {**os.environ, "FAKE_TRAINER_STEPS": str(steps), "FAKE_TRAINER_STEP_S": "0.01"}
+  return subprocess.run([sys.executable, "-m", "launch.slurm", f"--config={FIXTURE}", *args],
+                        cwd=REPO, env=env, text=True, capture_output=True, timeout=60,
+                        stdin=subprocess.DEVNULL, check=False)  # debug executor: pdb reads EOF
+
+
+def test_render_only_matches_golden(tmp_path):
+  """--render_only prints each point's command and the array sbatch script, submits nothing."""
+  result = _cli(f"--workdir={tmp_path}/sweep", "--partition=gpu", "--time=600", "--nodes=2",
+                "--gpus_per_node=8", "--cpus_per_task=32", "--mem=400G", "--account=acc",
+                "--qos=high", "--setup=source ~/venv/bin/activate", "--python=python3",
+                "--render_only")
+  assert result.returncode == 0, result.stderr
+  assert not (tmp_path / "sweep").exists()
+  text = result.stdout.replace(str(tmp_path), "<TMP>").replace(REPO, "<REPO>")
+  path = os.path.join(TESTS, "golden", "slurm_render.txt")
+  if os.environ.get("UPDATE_GOLDENS") == "1":
+    with open(path, "w") as f:
+      f.write(text)
+  with open(path) as f:
+    assert text == f.read(), (f"{path} differs from the output; if the change is intended, "
+                              "regenerate with UPDATE_GOLDENS=1 pytest tests/launch_slurm_test.py")
+
+
+def test_debug_executor_runs_points_and_resubmits_only_unfinished(tmp_path):
+  """Every point runs once through submitit; a failure is reported; a rerun skips done points."""
+  flags = [f"--workdir={tmp_path}", "--executor=debug", f"--trainer={TESTS}/fake_trainer.py",
+           "--wait"]
+  result = _cli(*flags)
+  assert result.returncode == 1, result.stderr
+  assert result.stdout.count(": done (step 3") == 4
+  assert "fail=1: failed: trainer exited with code 1; failed (step 1, RuntimeError" in result.stdout
+  assert json.loads((tmp_path / "sweep.json").read_text())["targets"] == [3.0, 2.5]
+  result = _cli(*flags)
+  assert result.returncode == 1 and result.stdout.count(": job ") == 1, result.stdout
+
+
+def test_train_point_gives_one_process_all_gpus_and_requeues(tmp_path):
+  """The node process sees JAX_LOCAL_DEVICE_IDS for all GPUs; checkpoint() stops and requeues."""
+  script = ("import json, os, sys; d = sys.argv[1]; "
+            "json.dump({'status': 'done', 'step': 1, 'reason': os.environ['JAX_LOCAL_DEVICE_IDS']},"
+            " open(os.path.join(d, 'status.json'), 'w'))")
+  point = slurm.TrainPoint([sys.executable, "-c", script, str(tmp_path)], str(tmp_path), 4)
+  assert point() == "done (step 1, 0,1,2,3)"
+  sleeper = slurm.TrainPoint(["sleep", "30"], str(tmp_path / "other"), 0)
+  sleeper._proc = subprocess.Popen(["sleep", "30"])  # as if __call__ were running it
+  delayed = sleeper.checkpoint()
+  assert sleeper._proc.returncode == -15 and delayed.function.argv == ["sleep", "30"]
+  assert workdirs.state(workdirs.read_status(str(tmp_path))) == "done"
+
+
+def test_bad_inputs_fail_clearly(tmp_path):
+  """Bad memory sizes, gs:// sweeps without --slurm_dir and unknown configs are clear errors."""
+  result = _cli(f"--workdir={tmp_path}", "--mem=lots", "--render_only")
+  assert result.returncode == 1 and "--mem='lots' is not a SLURM memory size" in result.stderr
+  result = _cli("--workdir=gs://bucket/sweep", "--render_only")
+  assert result.returncode == 1 and "needs --slurm_dir" in result.stderr
+  result = subprocess.run([sys.executable, "-m", "launch.slurm", "--config=nope.py",
+                           f"--workdir={tmp_path}"], cwd=REPO, text=True, capture_output=True,
+                          timeout=60, check=False)
+  assert result.returncode == 1 and "nope.py' not found" in result.stderr
