@@ -72,7 +72,8 @@ def test_nulls_resumes_and_evals(tmp_path):
 
 
 def test_single_workdir_empty_dir_and_missing_config(tmp_path):
-  _write_run(tmp_path / "sweep" / "a", json.dumps({"step": 1, "train_loss": 3.0}), {"status": "done"})
+  line = json.dumps({"step": 1, "train_loss": 3.0})
+  _write_run(tmp_path / "sweep" / "a", line, {"status": "done"})
   assert len(load.load_runs(tmp_path / "sweep" / "a")) == 1  # a run workdir itself
   assert len(load.load_runs([str(tmp_path / "sweep")])) == 1
   (tmp_path / "empty").mkdir()
@@ -94,3 +95,19 @@ def test_simulated_runs_have_the_loaded_columns(tmp_path):
     warnings.simplefilter("error")  # a clean sweep loads without any warning
     loaded = load.load_runs(tmp_path)
   assert list(synthetic.simulate_runs(SCAN).columns) == list(loaded.columns)
+
+
+def test_nested_workdirs_and_sweep_json_points(tmp_path):
+  line = json.dumps({"step": 1, "train_loss": 3.0})
+  for rel in ("3m/b16/lr1e-3/s0", "3m/b64/lr1e-3/s0"):
+    _write_run(tmp_path / rel, line, {"status": "done"})
+  (tmp_path / "3m/b16/lr1e-3/s0/checkpoints/10").mkdir(parents=True)
+  (tmp_path / "3m/b16/lr1e-3/s0/checkpoints/10/config.json").write_text("{}")  # not a run
+  assert [str(p.relative_to(tmp_path)) for p in load.find_run_dirs(tmp_path)] == [
+      "3m/b16/lr1e-3/s0", "3m/b64/lr1e-3/s0"]
+  points = [{"relpath": r, "workdir": f"gs://elsewhere/{r}"}
+            for r in ("3m/b16/lr1e-3/s0", "3m/b256/lr1e-3/s0")]
+  (tmp_path / "sweep.json").write_text(json.dumps({"targets": [2.0], "points": points}))
+  with pytest.warns(load.RunWarning, match="b256.*not started"):
+    dirs = load.find_run_dirs(tmp_path)
+  assert [str(p.relative_to(tmp_path)) for p in dirs] == ["3m/b16/lr1e-3/s0"]

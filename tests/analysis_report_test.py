@@ -45,3 +45,9 @@ def test_write_report_with_given_targets(tmp_path):
       "critical_batch_vs_loss.pdf", "critical_batch.csv", "summary.json"])
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["targets"] == [1.8, 2.0, 2.2] and summary["targets_source"] == "given"
+
+
+def test_cli_fails_cleanly_without_runs(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "bscan.analysis", f"--workdir={tmp_path}",
+                         f"--out={tmp_path / 'out'}"], capture_output=True, text=True)
+  assert proc.returncode != 0 and "error: no runs found" in proc.stderr

@@ -1,0 +1,157 @@
+"""Steps to target: the first (interpolated) step at which a smoothed loss curve reaches L.
+
+Smoothing: a centred local linear fit whose window has a constant width in log(step) (+-10% of
+the step by default), shrunk symmetrically at the ends of the curve. Why not an EMA over steps:
+an EMA lags by ~1/(1-decay) steps, a constant offset that inflates S most for the large-batch
+runs whose S is small, i.e. it biases S_min and hence B_crit. A centred window has no lag, and a
+window of constant relative width resolves every part of the curve equally, matching the
+log(step) interpolation and the log-space S/E fit. Keeping the window centred at the ends (rather
+than one-sided) matters because scan runs stop right after reaching the lowest target. The
+smoothed curve is then replaced by its best non-increasing fit (isotonic regression), so "first
+reaches L" is well defined (curves reach targets only going down). Not a running minimum: the
+running minimum of a noisy curve crosses L early by about noise/slope, which shortens S most
+for the noisy small-batch runs and biased B_crit low by ~5% in the synthetic scans; isotonic
+regression pools flat, noisy stretches instead of following their dips. Runs that never reach
+L get NaN (they are excluded, never extrapolated), as do runs that reach it before `min_step`
+(warmup and the first logged points say little about S).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import optimize
+
+DEFAULT_WINDOW = 0.1  # half-width of the smoothing window in log(step)
+DEFAULT_MIN_STEP = 10.0  # targets reached earlier are unreliable
+LOSS_COLUMNS = {"train": ("step", "train_loss"), "eval": ("eval_step", "eval_loss")}
+
+
+def finite_prefix(step: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The curve up to its first non-finite loss: a diverged run reaches nothing after that."""
+  step, loss = np.asarray(step, float), np.asarray(loss, float)
+  bad = ~np.isfinite(loss) | ~np.isfinite(step) | (step <= 0)
+  end = int(np.argmax(bad)) if bad.any() else len(loss)
+  return step[:end], loss[:end]
+
+
+def smooth_log_window(step: np.ndarray, loss: np.ndarray,
+                      window: float = DEFAULT_WINDOW) -> np.ndarray:
+  """Local linear fit in log(step) over |log s' - log s| <= window, shrunk symmetrically at ends.
+
+  A local line rather than a plain mean: with unevenly logged steps (integer steps early on,
+  sparse logging later) a window's points are not symmetric about its centre, and a mean would
+  lag; a local line is exact for curves linear in log(step) whatever the spacing.
+  """
+  loss = np.asarray(loss, float)
+  if len(step) == 0 or window <= 0:
+    return loss.copy()
+  ls = np.log(np.asarray(step, float))
+  half = np.minimum(window, np.minimum(ls - ls[0], ls[-1] - ls))
+  lo = np.searchsorted(ls, ls - half - 1e-12, side="left")
+  hi = np.searchsorted(ls, ls + half + 1e-12, side="right")
+  xc = ls - ls.mean()  # centred for numerical stability of the sums
+
+  def window_sum(v: np.ndarray) -> np.ndarray:
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    return c[hi] - c[lo]
+
+  n = hi - lo
+  sx, sy = window_sum(xc), window_sum(loss)
+  sxx, sxy = window_sum(xc * xc) - sx * sx / n, window_sum(xc * loss) - sx * sy / n
+  slope = np.where(sxx > 1e-12 * np.maximum(n, 1), sxy / np.where(sxx > 0, sxx, 1.0), 0.0)
+  return sy / n + slope * (xc - sx / n)
+
+
+def envelope(step: np.ndarray, loss: np.ndarray, window: float = DEFAULT_WINDOW
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, best non-increasing fit of the smoothed loss) over the finite prefix of the curve."""
+  step, loss = finite_prefix(step, loss)
+  if len(loss) == 0:
+    return step, loss
+  smoothed = smooth_log_window(step, loss, window)
+  return step, optimize.isotonic_regression(smoothed, increasing=False).x
+
+
+def steps_to_target(step: np.ndarray, loss: np.ndarray, target: float,
+                    window: float = DEFAULT_WINDOW, min_step: float = DEFAULT_MIN_STEP) -> float:
+  """First step (interpolated in log step) where the smoothed loss reaches `target`, else NaN."""
+  s, env = envelope(step, loss, window)
+  below = np.nonzero(env <= target)[0]
+  if len(below) == 0 or below[0] == 0:  # never reached, or already at the first logged point
+    return np.nan
+  k = int(below[0])
+  frac = (env[k - 1] - target) / (env[k - 1] - env[k])
+  reached = float(np.exp(np.log(s[k - 1]) + frac * (np.log(s[k]) - np.log(s[k - 1]))))
+  return reached if reached >= min_step else np.nan
+
+
+def steps_to_targets(runs: pd.DataFrame, targets: Sequence[float], loss: str = "train",
+                     window: float = DEFAULT_WINDOW, min_step: float = DEFAULT_MIN_STEP
+                     ) -> pd.DataFrame:
+  """Per run and target: steps and tokens to reach it (NaN when not reached reliably)."""
+  step_col, loss_col = LOSS_COLUMNS[loss]
+  rows = []
+  for idx, run in runs.iterrows():
+    for target in targets:
+      s = steps_to_target(run[step_col], run[loss_col], target, window, min_step)
+      rows.append({"run": idx, "size": run["size"], "n_params": run["n_params"],
+                   "batch_tokens": run["batch_tokens"], "learning_rate": run["learning_rate"],
+                   "seed": run["seed"], "target": float(target), "steps": s,
+                   "tokens": s * run["batch_tokens"]})
+  return pd.DataFrame(rows, columns=["run", "size", "n_params", "batch_tokens", "learning_rate",
+                                     "seed", "target", "steps", "tokens"])
+
+
+def best_steps(per_run: pd.DataFrame) -> pd.DataFrame:
+  """Best (fewest) steps per (model size, batch size, target) over learning rates and seeds."""
+  reached = per_run[np.isfinite(per_run["steps"])]
+  if reached.empty:
+    return reached.assign(n_candidates=pd.Series(dtype=int)).reset_index(drop=True)
+  keys = ["size", "n_params", "batch_tokens", "target"]
+  best = reached.loc[reached.groupby(keys, sort=False)["steps"].idxmin()]
+  counts = per_run.groupby(keys, sort=False).size().rename("n_candidates")
+  best = best.join(counts, on=keys)
+  return best.sort_values(["n_params", "target", "batch_tokens"]).reset_index(drop=True)
+
+
+def choose_targets(runs: pd.DataFrame, n: int = 5, loss: str = "train",
+                   min_batch_sizes: int = 4, window: float = DEFAULT_WINDOW,
+                   min_step: float = DEFAULT_MIN_STEP) -> list[float]:
+  """Targets spread over the loss range that >= `min_batch_sizes` batch sizes reach reliably.
+
+  A loss L is usable for a model size when enough batch sizes reach it after `min_step`. The
+  targets are spaced evenly in log L over the lower half of the usable range: the upper half is
+  early training (warmup, initial transient), where S(B) = S_min + E_min/B describes the data
+  least well.
+  """
+  step_col, loss_col = LOSS_COLUMNS[loss]
+  rows = []  # per (model size, batch size): highest reliable target, lowest loss reached
+  for (n_params, _), group in runs.groupby(["n_params", "batch_tokens"]):
+    hi, lo = -np.inf, np.inf
+    for _, run in group.iterrows():
+      s, env = envelope(run[step_col], run[loss_col], window)
+      later = env[s >= min_step]
+      if len(later) >= 2:
+        hi, lo = max(hi, later[0]), min(lo, later[-1])
+    if np.isfinite(hi) and lo < hi:
+      rows.append((n_params, hi, lo))
+  if not rows:
+    raise ValueError("no runs with loss curves to choose targets from")
+  sizes, his, los = (np.array(c) for c in zip(*rows))
+  grid = np.geomspace(los.min(), his.max(), 400)
+  reach = (los[None, :] < grid[:, None]) & (grid[:, None] < his[None, :])  # [grid, runs]
+  counts = np.stack([reach[:, sizes == n].sum(axis=1) for n in np.unique(sizes)], axis=1)
+  usable = grid[(counts >= min_batch_sizes).any(axis=1)]
+  if not len(usable):  # settle for the fewest batch sizes a fit accepts
+    usable = grid[(counts >= 3).any(axis=1)]
+  if not len(usable):
+    raise ValueError("no loss is reached by 3 batch sizes of any one model size: nothing to fit "
+                     "(give targets explicitly to see the runs anyway)")
+  lo, hi = min(usable), max(usable)
+  upper = np.exp(0.5 * (np.log(lo) + np.log(hi)))
+  lo = lo * 1.01  # stay clear of the lowest curves' ends
+  picked = np.round(np.geomspace(lo, max(upper, lo * 1.05), n), 3)
+  return sorted(set(float(t) for t in picked))
