@@ -12,8 +12,11 @@ class Checkpointer:
   """One CheckpointManager: keep-N policy, state + data iterator + loop state saved together."""
 
   def __init__(self, workdir: epath.PathLike, keep: int):
+    directory = epath.Path(workdir) / "checkpoints"
+    if "://" not in str(directory):
+      directory = directory.resolve()  # orbax needs absolute local paths
     self._manager = ocp.CheckpointManager(
-        epath.Path(workdir) / "checkpoints",
+        directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True))
 
   def latest_step(self) -> int | None:
