@@ -3,6 +3,7 @@
 import copy
 import importlib
 import json
+import math
 import os
 import pathlib
 import signal
@@ -148,3 +149,23 @@ def test_binary_trains_and_records_config(tmp_path):
   assert saved["derived"]["batch_sequences"] == 8
   assert saved["derived"]["batch_tokens"] == 8 * 32
   assert metrics_lib.read_status(tmp_path / "run")["status"] == "done"
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_hessian_noise_and_layer_groups_are_logged_on_their_cadence(pystdlib_cfg, tmp_path,
+                                                                    curvature):
+  cfg = _tiny(base.get_base_config(), pystdlib_cfg, steps=4)
+  cfg.noise.hessian_every, cfg.noise.group_every, cfg.noise.curvature = 2, 4, curvature
+  assert train.run(cfg, tmp_path) == "done"
+  rows = _rows(tmp_path)
+  assert [("b_noise_tokens" in r) for r in rows] == [False, True, False, True]
+  for r in rows[1::2]:
+    assert all(math.isfinite(r[k]) for k in ("ns_q_small", "ns_q_big", "ns_ghg", "ns_trhs"))
+    # Defined exactly when the GᵀHG estimate is positive; never clipped.
+    assert (r["b_noise_tokens"] is None) == (r["ns_ghg"] <= 0) == (r["ns_b_noise_undefined"] == 1)
+    if curvature == "gauss_newton":
+      assert r["ns_q_small"] >= 0 and r["ns_q_big"] >= 0  # Gauss–Newton is PSD
+  groups = sorted(k for k in rows[3] if k.startswith("ns_group/"))
+  assert groups == sorted(f"ns_group/{g}/b_simple_tokens" for g in (
+      "embed", "block_0/attn", "block_0/mlp", "block_1/attn", "block_1/mlp", "final_norm"))
+  assert not any(k.startswith("ns_group/") for k in rows[2])

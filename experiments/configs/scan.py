@@ -1,0 +1,47 @@
+"""The main job: a batch-size scan on the embedded default, sized for a 2-core CPU.
+
+Two small models × six batch sizes (2–64 sequences of 128 bytes), each run until its
+smoothed train loss reaches the lowest target (or a cap), constant learning rate after a
+warmup in tokens, learning rate scaled with sqrt(batch). `make scan` runs it with launch.local
+and then the analysis.
+
+python -m launch.local --config=experiments/configs/scan.py --workdir=runs/scan --parallel=2
+python -m experiments.train --config=experiments/configs/scan.py:size=98k,batch=16 --workdir=...
+"""
+
+from bscan import config as config_lib
+from bscan import sweep as sweep_lib
+from experiments.configs import base
+
+SIZES = ("25k", "98k")
+BATCHES = (2, 4, 8, 16, 32, 64)  # sequences of 128 bytes: 256 .. 8192 tokens
+TARGETS = {"25k": (2.7, 2.6, 2.5, 2.4, 2.3, 2.2), "98k": (2.6, 2.5, 2.4, 2.3, 2.2, 2.1)}
+CAP_TOKENS = 6_000_000
+
+
+def get_config(arg: str = ""):
+  """One point: arg keys size, batch, lr (at batch 16), seed."""
+  args = config_lib.parse_arg(arg)
+  config_lib.check_arg_keys(args, base.COMMON_ARGS, "scan.py")
+  c = base.get_base_config()
+  c.model.size = args.get("size", "98k")
+  c.model.max_len = c.seq_len = 128
+  c.batch_size = 16
+  c.optim.lr = 3e-3
+  c.optim.batch_scaling, c.optim.reference_batch = "sqrt", 16
+  c.optim.schedule = "constant"
+  c.optim.warmup_tokens = 50_000
+  size = c.model.size if c.model.size in TARGETS else "98k"
+  c.budget.target_loss = min(TARGETS[size])
+  c.budget.max_tokens = CAP_TOKENS
+  c.eval.per_decade, c.eval.every_steps = 6, 0
+  c.data.eval_sequences = 32
+  c.checkpoint.every_steps = 500
+  return base.apply_args(c, args)
+
+
+def sweep() -> sweep_lib.Sweep:
+  """Both sizes × six batch sizes, one learning rule, one seed."""
+  points = [{"size": s, "batch": b} for s in SIZES for b in BATCHES]
+  targets = sorted({t for ts in TARGETS.values() for t in ts}, reverse=True)
+  return sweep_lib.Sweep(points=tuple(points), targets=tuple(targets))
