@@ -124,15 +124,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(
         {"config": json.loads(cfg.to_json()), "arg": arg, "derived": derived}, indent=2))
-  trainer = Trainer(cfg, workdir, derived, tokenizer.vocab_size)
+  trainer = None
   try:
+    trainer = Trainer(cfg, workdir, derived, tokenizer.vocab_size)
     return trainer.train()
   except Exception as e:  # Recorded for the launcher and the analysis, then re-raised.
     if is_main:
-      metrics_lib.write_status(workdir, "failed", f"{type(e).__name__}: {e}", 0, 0)
+      step = trainer.step if trainer else 0
+      metrics_lib.write_status(workdir, "failed", f"{type(e).__name__}: {e}", step,
+                               step * derived["batch_tokens"])
     raise
   finally:
-    trainer.close()
+    if trainer:
+      trainer.close()
 
 
 class Trainer:
@@ -171,6 +175,7 @@ class Trainer:
     self.ckpt = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
     self.loop = LoopState()
     self.max_steps = config_lib.max_steps(cfg)
+    self.step = 0  # last dispatched step
     self._last_fetch = None
     self._diverged_step = 0
 
@@ -195,7 +200,7 @@ class Trainer:
 
   def train(self) -> str:
     """The loop: dispatch step n, then fetch step n−1's metrics (never block needlessly)."""
-    step = self._restore()
+    step = self.step = self._restore()
     self._status("running", "", step)
     if self.sc.noise and self.sc.b_small == self.sc.b_big:
       logging.warning("Noise scale undefined: one device and one microbatch (B_small = B_big); "
@@ -212,7 +217,7 @@ class Trainer:
           hessian = {}
         self.state, train_metrics = self.train_step(self.state, batch)
         train_metrics = {**train_metrics, **hessian}
-        step += 1
+        step = self.step = step + 1
         eval_loss = (self.eval_fn(self.state.params, self.eval_tokens)
                      if eval_due(step, self.cfg) or step == self.max_steps else None)
         if pending:
@@ -238,8 +243,13 @@ class Trainer:
       return "diverged"
     if self.ckpt.latest_step() != step:
       self.ckpt.save(step, self.state, self.data_iter, dataclasses.asdict(self.loop), force=True)
-    reason = (f"reached target loss {self.cfg.budget.target_loss} at step {self.loop.target_step}"
-              if self.loop.target_step else f"step budget {self.max_steps} used")
+    target = self.cfg.budget.target_loss
+    if self.loop.target_step:
+      reason = f"reached target loss {target} at step {self.loop.target_step}"
+    elif target:
+      reason = f"cap of {self.max_steps} steps reached before target loss {target}"
+    else:
+      reason = f"step budget {self.max_steps} used"
     self._status("done", reason, step)
     return "done"
 
