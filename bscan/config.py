@@ -142,6 +142,8 @@ def _validate_budget(cfg: ml_collections.ConfigDict) -> None:
   if b.train_tokens < 0 or b.train_steps < 0 or b.max_tokens < 0:
     raise ConfigError("budget.train_tokens, budget.train_steps and budget.max_tokens must be "
                       "≥ 0 (0 = unset)")
+  if b.smoothing_tokens <= 0:
+    raise ConfigError(f"budget.smoothing_tokens={b.smoothing_tokens} must be positive")
   if b.target_loss:
     if b.target_loss < 0:
       raise ConfigError(f"budget.target_loss={b.target_loss} must be positive")

@@ -175,6 +175,7 @@ class Trainer:
     self.ckpt = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
     self.loop = LoopState()
     self.max_steps = config_lib.max_steps(cfg)
+    self.loss_decay = math.exp(-derived["batch_tokens"] / cfg.budget.smoothing_tokens)
     self.step = 0  # last dispatched step
     self._last_fetch = None
     self._diverged_step = 0
@@ -306,7 +307,7 @@ class Trainer:
     b = self.cfg.budget
     if not b.target_loss:
       return
-    d = b.loss_smoothing
+    d = self.loss_decay
     self.loop.loss_ema = d * self.loop.loss_ema + (1 - d) * loss
     self.loop.loss_ema_count += 1
     if not self.loop.target_step and self.loop.smoothed(d) <= b.target_loss:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import goldens
 from launch import slurm
 from launch import workdirs
 
@@ -29,13 +30,7 @@ def test_render_only_matches_golden(tmp_path):
   assert result.returncode == 0, result.stderr
   assert not (tmp_path / "sweep").exists()
   text = result.stdout.replace(str(tmp_path), "<TMP>").replace(REPO, "<REPO>")
-  path = os.path.join(TESTS, "golden", "slurm_render.txt")
-  if os.environ.get("UPDATE_GOLDENS") == "1":
-    with open(path, "w") as f:
-      f.write(text)
-  with open(path) as f:
-    assert text == f.read(), (f"{path} differs from the output; if the change is intended, "
-                              "regenerate with UPDATE_GOLDENS=1 pytest tests/launch_slurm_test.py")
+  goldens.check_golden("slurm_render.txt", text, "tests/launch_slurm_test.py")
 
 
 def test_debug_executor_runs_points_and_resubmits_only_unfinished(tmp_path):

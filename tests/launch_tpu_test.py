@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import pytest
 
+import goldens
+
 from bscan import sweep as sweep_lib
 from launch import tpu
 
@@ -28,13 +30,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def _check_golden(name: str, text: str) -> None:
   """Compares text with tests/golden/NAME; UPDATE_GOLDENS=1 rewrites it."""
-  path = os.path.join(TESTS, "golden", name)
-  if os.environ.get("UPDATE_GOLDENS") == "1":
-    with open(path, "w") as f:
-      f.write(text)
-  with open(path) as f:
-    assert text == f.read(), (f"{path} differs from the output; if the change is intended, "
-                              "regenerate with UPDATE_GOLDENS=1 pytest tests/launch_tpu_test.py")
+  goldens.check_golden(name, text, "tests/launch_tpu_test.py")
 
 
 @pytest.mark.parametrize("action", ["up", "delete", "status"])

@@ -29,7 +29,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = "validation"
   c.data.eval_sequences = 64  # size of the fixed held-out evaluation set
   c.data.worker_count = 0  # grain workers (0 = in-process)
-  c.data.shuffle_window = 4096  # packed sequences shuffled within this window
+  c.data.shuffle_window = 16384  # packed sequences shuffled within this window
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.name = "bytes"  # bytes | sentencepiece | tiktoken
@@ -59,7 +59,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.budget.target_loss = 0.0  # or stop once the smoothed train loss reaches this...
   c.budget.max_tokens = 0  # ...with this cap in tokens
   c.budget.overshoot = 0.1  # keep going this fraction of steps past the target
-  c.budget.loss_smoothing = 0.9  # EMA decay of the train loss for the stop condition
+  # The stop condition smooths the train loss over this many tokens (an EMA time constant in
+  # tokens, not steps: a 256-token batch's loss is far noisier than an 8k-token batch's).
+  c.budget.smoothing_tokens = 30_000
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0  # linear eval cadence (0 = off)

@@ -23,4 +23,5 @@ def get_config(arg: str = ""):
   c.eval.per_decade = 8
   c.eval.every_steps = 100
   c.data.eval_sequences = 64
+  c.data.shuffle_window = 131_072  # the whole corpus: stdlib files are long
   return base.apply_args(c, args)
