@@ -86,3 +86,14 @@ def test_eval_loss_is_selectable():
   assert evals == pytest.approx(train, rel=0.2)
   with pytest.raises(KeyError):
     targets.steps_to_targets(pd.DataFrame(runs), [2.0], loss="test")
+
+
+def test_targets_below_a_runs_own_stop_target_are_not_counted():
+  """A run told to stop at 2.1 that overshot to 2.0 must not count for target 2.0."""
+  scan = synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2], batch_sequences=(32,),
+                        targets=(2.0,), run_noise=0.0, loss_noise=0.0)
+  runs = synthetic.simulate_runs(scan)
+  assert np.isfinite(targets.steps_to_targets(runs, [2.0])["steps"]).all()
+  runs = runs.assign(target_loss=2.1)
+  steps = targets.steps_to_targets(runs, [2.0, 2.1])["steps"].to_numpy()
+  assert np.isnan(steps[0]) and np.isfinite(steps[1])

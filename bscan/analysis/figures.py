@@ -124,9 +124,11 @@ def plot_batch_scan(analysis: pipeline.Analysis, sizes: Sequence[str] | None = N
       batches = reps["batch_tokens"].to_numpy(float)
       ax.set_xscale("log")
       ax.set_yscale("log")
-      # Start where the targets begin to be reached: earlier steps are warmup, all one colour.
-      first = best["steps"].min() if len(best) else 10.0
-      x_lo = max(1.0, 10 ** np.floor(np.log10(first / 5)))
+      # Start where the targets begin to be reached (earlier steps are warmup, all one
+      # colour), at the same decade in every panel so panels compare at a glance.
+      all_best = analysis.best_steps["steps"]
+      first = all_best.min() if len(all_best) else 10.0
+      x_lo = max(1.0, 10 ** np.floor(np.log10(first / 2)))
       x_hi = max(l[0] for l in lines) * 1.5 if lines else 10 * x_lo
       y_lo = x_lo * batches.min() / 1.5
       y_hi = max(l[2] for l in lines) * 1.5 if lines else 10 * y_lo

@@ -95,8 +95,13 @@ def steps_to_targets(runs: pd.DataFrame, targets: Sequence[float], loss: str = "
   step_col, loss_col = LOSS_COLUMNS[loss]
   rows = []
   for idx, run in runs.iterrows():
+    stop_target = run.get("target_loss", np.nan)
     for target in targets:
       s = steps_to_target(run[step_col], run[loss_col], target, window, min_step)
+      if np.isfinite(stop_target) and target < stop_target - 1e-9:
+        # Below the loss this run was told to stop at: only the runs that overshot it by
+        # chance (small batches) would count, a biased subset. Not a target for this run.
+        s = np.nan
       rows.append({"run": idx, "size": run["size"], "n_params": run["n_params"],
                    "batch_tokens": run["batch_tokens"], "learning_rate": run["learning_rate"],
                    "seed": run["seed"], "target": float(target), "steps": s,
