@@ -107,11 +107,20 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         "microbatch_size")
   _validate_optim(cfg.optim)
   _validate_budget(cfg)
-  for field in ("eval.every_steps", "eval.per_decade", "log_every_steps",
-                "checkpoint.every_steps", "checkpoint.keep", "noise.group_every",
+  for field in ("eval.every_steps", "eval.per_decade", "noise.group_every",
                 "noise.hessian_every"):
     if _get(cfg, field) < 0:
-      raise ConfigError(f"{field}={_get(cfg, field)} must be ≥ 0")
+      raise ConfigError(f"{field}={_get(cfg, field)} must be ≥ 0 (0 = off)")
+  for field in ("log_every_steps", "checkpoint.every_steps", "checkpoint.keep",
+                "data.eval_sequences"):
+    if _get(cfg, field) < 1:
+      raise ConfigError(f"{field}={_get(cfg, field)} must be ≥ 1")
+  if cfg.data.eval_sequences % num_devices:
+    raise ConfigError(f"data.eval_sequences={cfg.data.eval_sequences} must be a multiple of "
+                      f"the {num_devices} devices (each evaluates its share)")
+  if cfg.noise.hessian_every and not cfg.noise.enabled:
+    raise ConfigError("noise.hessian_every needs noise.enabled=True (its columns are logged "
+                      "beside B_simple)")
   if not 0.0 <= cfg.noise.ema_decay < 1.0:
     raise ConfigError(f"noise.ema_decay={cfg.noise.ema_decay} must be in [0, 1)")
   if cfg.noise.hessian_every and layout(cfg, num_devices).num_microbatches < 2:
@@ -144,9 +153,16 @@ def _validate_budget(cfg: ml_collections.ConfigDict) -> None:
                       "≥ 0 (0 = unset)")
   if b.smoothing_tokens <= 0:
     raise ConfigError(f"budget.smoothing_tokens={b.smoothing_tokens} must be positive")
+  if b.overshoot < 0:
+    raise ConfigError(f"budget.overshoot={b.overshoot} must be ≥ 0")
   if b.target_loss:
     if b.target_loss < 0:
       raise ConfigError(f"budget.target_loss={b.target_loss} must be positive")
+    if cfg.optim.schedule != "constant":
+      raise ConfigError(
+          f"budget.target_loss with optim.schedule={cfg.optim.schedule!r}: the decay would be "
+          "tied to the cap, so steps-to-target would depend on the planned run length; use "
+          "optim.schedule='constant' for scans")
     if not (b.max_tokens or b.train_steps):
       raise ConfigError("budget.target_loss needs a cap: set budget.max_tokens (or "
                         "budget.train_steps)")

@@ -33,12 +33,21 @@ def read_rows(path: epath.Path) -> list[dict[str, Any]]:
   return rows
 
 
+REMOTE_FLUSH_ROWS = 200  # object stores cannot append: rows are rewritten in batches there
+
+
 class MetricsWriter:
-  """Appends one JSON line per logged step (process 0 only) and mirrors to TensorBoard."""
+  """Writes one JSON line per logged step (process 0 only) and mirrors to TensorBoard.
+
+  Local files get each row at once; on gs:// (no append) rows are buffered and the file is
+  rewritten at `flush()`, which the loop calls before every checkpoint.
+  """
 
   def __init__(self, workdir: epath.PathLike, enabled: bool = True):
     self._path = epath.Path(workdir) / "metrics.jsonl"
+    self._remote = "://" in str(workdir)
     self._enabled = enabled
+    self._pending: list[str] = []
     self._tb = None
     if enabled:
       import tensorboardX  # pylint: disable=g-import-not-at-top  (process 0 only)
@@ -46,22 +55,38 @@ class MetricsWriter:
 
   def truncate_after(self, step: int) -> None:
     """On resume: keep rows up to the restored step so every step appears exactly once."""
-    if not self._enabled:
+    if not self._enabled or not self._path.exists():
       return
     kept = [r for r in read_rows(self._path) if r["step"] <= step]
-    self._path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp = self._path.parent / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(self._path)  # a kill mid-write must not lose the file
 
   def write(self, row: Mapping[str, Any]) -> None:
     if not self._enabled:
       return
     row = {k: _clean(v) for k, v in row.items()}
-    with self._path.open("a") as f:
-      f.write(json.dumps(row) + "\n")
+    self._pending.append(json.dumps(row) + "\n")
+    if not self._remote or len(self._pending) >= REMOTE_FLUSH_ROWS:
+      self.flush()
     for key, value in row.items():
       if key not in ("step",) and isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, row["step"])
 
+  def flush(self) -> None:
+    """Writes the buffered rows."""
+    if not self._pending:
+      return
+    if self._remote:
+      old = self._path.read_text() if self._path.exists() else ""
+      self._path.write_text(old + "".join(self._pending))
+    else:
+      with self._path.open("a") as f:
+        f.write("".join(self._pending))
+    self._pending.clear()
+
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()
 

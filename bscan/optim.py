@@ -26,7 +26,7 @@ def schedule(cfg: ml_collections.ConfigDict, peak_lr: float) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only, not on biases, norms or position tables' ones."""
+  """Weight decay on matrices (embedding tables included), not on biases or norm scales."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 

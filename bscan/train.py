@@ -10,6 +10,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -89,6 +90,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+PREEMPTION_SYNC_EVERY = 10  # steps between the hosts' agreement on a SIGTERM (multi-host)
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks after each step (save, then exit)."""
 
@@ -99,6 +103,15 @@ class _Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def agreed(self, step: int) -> bool:
+    """Whether all processes stop at this step: hosts get SIGTERM at different times, and
+    one host saving (a barrier) while another runs the next step would deadlock."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % PREEMPTION_SYNC_EVERY:
+      return False
+    return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
@@ -112,10 +125,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
   config_lib.validate(cfg, num_devices)
   data_lib.validate_data_config(cfg)
   check_workdir(workdir, cfg, allow_config_change)
-  status = metrics_lib.read_status(workdir)
-  if status and status["status"] in ("done", "diverged"):
-    logging.info("Run in %s is already %s; nothing to do.", workdir, status["status"])
-    return status["status"]
+  status = (metrics_lib.read_status(workdir) or {}).get("status")
+  finished = status in ("done", "diverged")
+  if jax.process_count() > 1:  # process 0 wrote it; workers may not see the same disk
+    finished = bool(multihost_utils.broadcast_one_to_all(np.array(finished)))
+    status = status if finished else None
+  if finished:
+    logging.info("Run in %s is already %s; nothing to do.", workdir, status)
+    return status
 
   is_main = jax.process_index() == 0
   tokenizer = data_lib.get_tokenizer(cfg)
@@ -167,10 +184,12 @@ class Trainer:
     self.state = step_lib.init_state(init_params, tx, jax.random.key(cfg.seed), self.mesh, groups)
     self.data_iter = data_lib.make_train_iterator(
         cfg, process_index=jax.process_index(), process_count=jax.process_count())
-    self.eval_tokens = data_lib.make_eval_batches(cfg)
-    chunk = math.gcd(len(self.eval_tokens), max(lay.per_device, 1) * lay.num_devices)
-    self.eval_fn = step_lib.make_eval_fn(self.loss_fn, self.mesh, chunk)
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    eval_tokens = data_lib.make_eval_batches(cfg)  # the same on every process
+    self.eval_tokens = jax.make_array_from_callback(
+        eval_tokens.shape, self.batch_sharding, lambda index: eval_tokens[index])
+    chunk = math.gcd(len(eval_tokens) // lay.num_devices, lay.microbatch)
+    self.eval_fn = step_lib.make_eval_fn(self.loss_fn, self.mesh, chunk)
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main)
     self.ckpt = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
     self.loop = LoopState()
@@ -186,6 +205,7 @@ class Trainer:
 
   def _restore(self) -> int:
     if self.ckpt.latest_step() is None:
+      self.writer.truncate_after(0)  # rows of an attempt that crashed before any checkpoint
       return 0
     self.state, loop = self.ckpt.restore(checkpoint_lib.abstract(self.state), self.data_iter)
     self.loop = LoopState(**loop)
@@ -224,12 +244,14 @@ class Trainer:
         if pending:
           outcome = self._finish(*pending)
         pending = (step, train_metrics, eval_loss)
-        if step % self.cfg.checkpoint.every_steps == 0 or preemption.requested:
+        preempted = preemption.agreed(step)
+        if step % self.cfg.checkpoint.every_steps == 0 or preempted:
           outcome = outcome or self._finish(*pending)
           pending = None
           if outcome is None:
+            self.writer.flush()
             self.ckpt.save(step, self.state, self.data_iter, dataclasses.asdict(self.loop))
-          if preemption.requested and outcome is None:
+          if preempted and outcome is None:
             self.ckpt.wait()
             reason = f"preempted (SIGTERM) at step {step}; rerun the same command to resume"
             self._status("failed", reason, step)
@@ -242,6 +264,7 @@ class Trainer:
       self._status("diverged", f"non-finite train loss at step {self._diverged_step}",
                    self._diverged_step)
       return "diverged"
+    self.writer.flush()
     if self.ckpt.latest_step() != step:
       self.ckpt.save(step, self.state, self.data_iter, dataclasses.asdict(self.loop), force=True)
     target = self.cfg.budget.target_loss
@@ -271,8 +294,11 @@ class Trainer:
            "tokens_per_s": self.derived["batch_tokens"] / dt if dt == dt else float("nan")}
     if eval_loss is not None:
       row["eval_loss"] = float(eval_loss)
-    row.update(self._noise_columns(step, m))
-    if step % self.cfg.log_every_steps == 0 or eval_loss is not None or not math.isfinite(loss):
+    noise_columns = self._noise_columns(step, m)
+    row.update(noise_columns)
+    rare = eval_loss is not None or "b_noise_tokens" in row or any(
+        k.startswith("ns_group/") for k in noise_columns)  # never drop cadenced measurements
+    if step % self.cfg.log_every_steps == 0 or rare or not math.isfinite(loss):
       self.writer.write(row)
     if eval_loss is not None and self.is_main:
       print(f"step {step:>6}  tokens {row['tokens']:>11,}  train {loss:.4f}  eval "

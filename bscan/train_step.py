@@ -166,13 +166,18 @@ def init_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransf
 
 
 def make_eval_fn(loss_fn: LossFn, mesh: Mesh, chunk: int) -> Callable:
-  """jit(eval)(params, tokens int32[n, T+1]) -> mean loss over chunks of `chunk` sequences."""
+  """jit(eval)(params, tokens int32[n, T+1] sharded over 'data') -> mean loss.
 
-  def evaluate(params, tokens):
+  Each device evaluates its share `chunk` sequences at a time (a training microbatch), so
+  evaluation never needs more memory than training.
+  """
+
+  def per_device(params, tokens):
     chunks = tokens.reshape(-1, chunk, tokens.shape[-1])
-    return jnp.mean(lax.map(lambda c: loss_fn(params, c), chunks))
+    return lax.pmean(jnp.mean(lax.map(lambda c: loss_fn(params, c), chunks)), "data")
 
-  return jax.jit(evaluate, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P())))
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")),
+                               out_specs=P()))
 
 
 def make_hessian_fn(loss_fn: LossFn, sc: StepConfig, mesh: Mesh,

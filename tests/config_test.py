@@ -45,6 +45,13 @@ def test_apply_args_and_unknown_keys():
     ({"budget__train_tokens": -5}, r"must be ≥ 0"),
     ({"budget__target_loss": 2.0}, r"needs a cap"),
     ({"optim__schedule": "exp"}, r"optim.schedule='exp' is unknown"),
+    ({"log_every_steps": 0}, r"log_every_steps=0 must be ≥ 1"),
+    ({"checkpoint__every_steps": 0}, r"checkpoint.every_steps=0 must be ≥ 1"),
+    ({"data__eval_sequences": 12}, r"eval_sequences=12 must be a multiple of the 8 devices"),
+    ({"noise__enabled": False, "noise__hessian_every": 10}, r"needs noise.enabled=True"),
+    ({"budget__target_loss": 2.0, "budget__max_tokens": 10**6, "optim__schedule": "cosine"},
+     r"steps-to-target would depend on the planned run length"),
+    ({"budget__overshoot": -1.0}, r"budget.overshoot=-1.0 must be ≥ 0"),
 ])
 def test_validate_names_field_and_fix(overrides, message):
   with pytest.raises(config_lib.ConfigError, match=message):
@@ -76,3 +83,20 @@ def test_layout_auto_microbatches():
   # One device: at least two microbatches so the noise scale exists.
   lay = config_lib.layout(_cfg(batch_size=8, max_microbatch_size=16), num_devices=1)
   assert (lay.microbatch, lay.num_microbatches) == (4, 2)
+
+
+def test_non_integral_batch_is_refused():
+  with pytest.raises(config_lib.ConfigError, match="batch=64.5 must be an integer"):
+    base.apply_args(base.get_base_config(), {"batch": 64.5})
+
+
+def test_kaplan_config_data_choices():
+  from experiments.configs import kaplan  # pylint: disable=g-import-not-at-top
+  c4 = kaplan.get_config("size=85m,batch=64")
+  assert (c4.data.tfds_name, c4.tokenizer.name, c4.budget.target_loss) == ("c4/en", "tiktoken", 3.6)
+  own = kaplan.get_config("size=3m,data=pystdlib")
+  assert (own.data.name, own.tokenizer.name, own.budget.target_loss) == ("pystdlib", "bytes", 1.6)
+  with pytest.raises(config_lib.ConfigError, match="data='lm1b'"):
+    kaplan.get_config("data=lm1b")
+  with pytest.raises(config_lib.ConfigError, match="unknown arg key.*'lr'"):
+    kaplan.get_config("lr=1e-3")  # the rate comes from eq. D.1; lr_scale scales it

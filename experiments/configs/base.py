@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from bscan import config as config_lib
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   """Defaults for one training run; experiment files override what they scan."""
@@ -98,5 +100,8 @@ def apply_args(c: ml_collections.ConfigDict, args: dict) -> ml_collections.Confi
       node = c
       for p in parents:
         node = node[p]
-      node[leaf] = type(node[leaf])(value)
+      kind = type(node[leaf])
+      if kind is int and value != int(value):
+        raise config_lib.ConfigError(f"arg {key}={value} must be an integer")
+      node[leaf] = kind(value)
   return c
