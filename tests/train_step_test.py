@@ -52,11 +52,13 @@ def _run_step(devices, batch, microbatch, noise=True):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-def test_eight_devices_equal_one_device():
+@pytest.mark.parametrize("n", [8, 16])
+def test_eight_devices_equal_one_device(n):
+  """8 devices × n/8 microbatches vs one device × n microbatches of one sequence each."""
   assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
-  batch = _batch(16)
-  s8, m8 = _run_step(jax.devices(), batch, microbatch=1)  # 2 microbatches per device
-  s1, m1 = _run_step(jax.devices()[:1], batch, microbatch=1)  # 16 microbatches on one device
+  batch = _batch(n)
+  s8, m8 = _run_step(jax.devices(), batch, microbatch=1)
+  s1, m1 = _run_step(jax.devices()[:1], batch, microbatch=1)
   np.testing.assert_allclose(m8["train_loss"], m1["train_loss"], rtol=1e-6)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
   jax.tree.map(_close,
