@@ -38,7 +38,7 @@ setuptools.setup(
     description="Batch-size scans for transformer LMs: gradient noise scale and critical batch size.",
     packages=setuptools.find_packages(include=["bscan", "bscan.*", "experiments", "experiments.*",
                                                "launch", "launch.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -123,9 +123,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                       "beside B_simple)")
   if not 0.0 <= cfg.noise.ema_decay < 1.0:
     raise ConfigError(f"noise.ema_decay={cfg.noise.ema_decay} must be in [0, 1)")
-  if cfg.noise.hessian_every and layout(cfg, num_devices).num_microbatches < 2:
-    raise ConfigError("noise.hessian_every needs ≥ 2 microbatches per device (one is held out "
-                      "for H·v); lower microbatch_size or set noise.hessian_every=0")
+  lay = layout(cfg, num_devices)
+  if cfg.noise.hessian_every and (lay.num_microbatches < 2 or
+                                  (lay.num_microbatches - 1) * num_devices < 2):
+    raise ConfigError(
+        "noise.hessian_every needs one held-out microbatch per device for H·v and ≥ 2 "
+        f"gradient microbatches in all; this layout has {lay.num_microbatches} per device on "
+        f"{num_devices} device(s): lower microbatch_size (≥ 3 microbatches per device on one "
+        "device, ≥ 2 on several) or set noise.hessian_every=0")
   if cfg.noise.curvature not in ("hessian", "gauss_newton"):
     raise ConfigError(f"noise.curvature={cfg.noise.curvature!r}; use 'hessian' or "
                       "'gauss_newton'")

@@ -10,6 +10,7 @@ grain.checkpoint.CheckpointSave/Restore reproduce the next batch exactly.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import dataclasses
 import functools
 import hashlib
 import os
@@ -166,6 +167,12 @@ def _packed_tokens(packed: dict) -> np.ndarray:
   return packed["tokens"]  # drops the *_segment_ids/*_positions packing adds
 
 
+def _derived_seed(*entropy: int) -> int:
+  """Well-separated seeds: grain adds the epoch (window) index to its seed, so seed s in
+  epoch 1 would otherwise be seed s+1 in epoch 0."""
+  return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0] >> 1)
+
+
 def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
   """Infinite, checkpointable iterator of this process's int32 [B/process_count, T+1]."""
@@ -179,7 +186,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int = 
     raise ValueError(f"Split {cfg.data.train_split!r} has {len(source)} documents, too few "
                      f"for {process_count} processes.")
   # shuffle-then-repeat: repeat() reseeds the shuffle, so every epoch has a new order.
-  ds = ds.shuffle(seed=cfg.seed).repeat().map(_Tokenize(tokenizer, _text_key(cfg)))
+  ds = ds.shuffle(seed=_derived_seed(cfg.seed, 0)).repeat().map(
+      _Tokenize(tokenizer, _text_key(cfg)))
   # Read in the calling thread: reader threads measured no faster here (the GIL), and
   # slower on short documents. Parallelism comes from worker_count (grain processes).
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -188,7 +196,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int = 
   it = it.map(_packed_tokens)
   it = grain.experimental.WindowShuffleIterDataset(
       it, window_size=cfg.data.get("shuffle_window", DEFAULT_SHUFFLE_WINDOW),
-      seed=cfg.seed + process_index)
+      seed=_derived_seed(cfg.seed, 1, process_index))
   it = it.batch(cfg.batch_size // process_count, drop_remainder=True)
   if cfg.data.get("worker_count", 0) > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
@@ -217,10 +225,19 @@ def make_eval_batches(cfg: ml_collections.ConfigDict) -> np.ndarray:
   if available < n:
     raise ValueError(
         f"cfg.data.eval_sequences={n}: split {cfg.data.eval_split!r} holds only "
-        f"{available} sequences of {length} tokens; lower eval_sequences or seq_len.")
+        f"{available} sequences of {length} tokens; lower eval_sequences or seq_len"
+        + (", or add files: the split is too small" if available == 0 else "") + ".")
   sequences = tokens[:available * length].reshape(available, length)
   # Spread over everything read, so the set spans many documents, not the first few.
   return np.ascontiguousarray(sequences[np.linspace(0, available - 1, n).astype(np.int64)])
+
+
+def corpus_fingerprint(cfg: ml_collections.ConfigDict) -> dict | None:
+  """pystdlib's fingerprint (files, bytes, sha256), recorded with every run; else None."""
+  if cfg.data.name != "pystdlib":
+    return None
+  fp = datasets.local_fingerprint(cfg.data.include_tests, cfg.data.get("max_files", 0))
+  return dataclasses.asdict(fp)
 
 
 def unigram_entropy(cfg: ml_collections.ConfigDict, max_tokens: int = 1 << 25) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import functools
 import glob as glob_lib
 import hashlib
 import os
@@ -22,6 +23,10 @@ DATASET_NAMES = ("pystdlib", "text_files", "tfds")
 # A directory with one of these names holds tests (Lib/test, unittest/test, lib2to3/tests,
 # idlelib/idle_test, ...). Only directory components count, so doctest.py is not a test.
 TEST_DIR_NAMES = frozenset({"test", "tests", "idle_test"})
+# Generated when Python is built (install prefixes, compiler flags): different on every
+# installation of the same version, so never part of the corpus.
+BUILD_FILE_PREFIX = "_sysconfigdata_"
+BUILD_DIR_PREFIX = "config-"  # e.g. config-3.11-x86_64-linux-gnu (python-config.py)
 # Per mille of files (by hash of their relative path) that go to the validation split.
 VALIDATION_PER_MILLE = 20
 DEFAULT_DATA_DIR = "~/.cache/bscan/tensorflow_datasets"
@@ -65,7 +70,8 @@ def stdlib_dir() -> str:
 
 
 def stdlib_files(include_tests: bool, max_files: int = 0) -> list[str]:
-  """Relative paths of the stdlib's `*.py` files, sorted; never under `*-packages`.
+  """Relative paths of the stdlib's `*.py` files, sorted; never under `*-packages`, never
+  the build-generated `_sysconfigdata_*.py` or `config-*/` (they differ between installs).
 
   max_files > 0 keeps a deterministic pseudo-random subset (smallest path hashes), so
   small test corpora still span many packages.
@@ -74,9 +80,10 @@ def stdlib_files(include_tests: bool, max_files: int = 0) -> list[str]:
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
     # Prune in place: os.walk then never descends into site-packages / dist-packages.
-    dirnames[:] = [d for d in dirnames if not d.endswith("-packages") and d != "__pycache__"]
+    dirnames[:] = [d for d in dirnames if not d.endswith("-packages") and d != "__pycache__"
+                   and not d.startswith(BUILD_DIR_PREFIX)]
     for name in filenames:
-      if name.endswith(".py"):
+      if name.endswith(".py") and not name.startswith(BUILD_FILE_PREFIX):
         rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
         if include_tests or not is_test_path(rel):
           files.append(rel)
@@ -126,7 +133,8 @@ class PyStdlibConfig(tfds.core.BuilderConfig):
 class Pystdlib(tfds.core.GeneratorBasedBuilder):
   """Source files (`*.py`) of the running Python's standard library, one per example."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Build-generated files (_sysconfigdata_*, config-*/) left out."}
   # Nothing is downloaded; also skips TFDS's checksum-file lookup, which needs the
   # optional importlib_resources package.
   url_infos = None
@@ -182,7 +190,9 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """Builds the dataset if needed; tolerates another process finishing it first."""
   if builder.is_prepared():
     return
-  logging.info("Building %s into %s", builder.info.full_name, builder.data_dir)
+  print(f"building {builder.info.full_name} into {builder.data_dir} (once; nothing is "
+        "downloaded)", flush=True)
+  tfds.display_progress_bar(False)
   try:
     builder.download_and_prepare(file_format="array_record")
   except Exception:  # pylint: disable=broad-exception-caught
@@ -199,7 +209,28 @@ def pystdlib_source(include_tests: bool, max_files: int, data_dir_: epath.Path,
   """Random-access records {'text': bytes, 'path': bytes} of one split; builds on first use."""
   builder = pystdlib_builder(include_tests, max_files, data_dir_)
   prepare(builder)
+  _check_fingerprint(builder)
   return builder.as_data_source(split)
+
+
+@functools.cache
+def local_fingerprint(include_tests: bool, max_files: int) -> Fingerprint:
+  """This interpreter's pystdlib file set, fingerprinted."""
+  return fingerprint(stdlib_dir(), stdlib_files(include_tests, max_files))
+
+
+def _check_fingerprint(builder: Pystdlib) -> None:
+  """A shared data dir may hold a copy built from another interpreter's stdlib: refuse it."""
+  stored = Fingerprint(**builder.info.metadata["fingerprint"])
+  cfg = builder.builder_config
+  local = local_fingerprint(cfg.include_tests, cfg.max_files)
+  if stored != local:
+    raise ValueError(
+        f"The pystdlib dataset in {builder.data_dir} was built from a different standard "
+        f"library ({stored.num_files} files, {stored.num_bytes} bytes, sha256 "
+        f"{stored.sha256[:12]}…) than this interpreter's ({local.num_files} files, "
+        f"{local.num_bytes} bytes, {local.sha256[:12]}…); point cfg.data.data_dir elsewhere "
+        "or delete that copy.")
 
 
 def pystdlib_fingerprint(include_tests: bool, max_files: int,
@@ -233,12 +264,22 @@ def glob_files(pattern: str) -> list[str]:
                 if os.path.isfile(p))
 
 
+def _glob_root(pattern: str) -> str:
+  """The directory part of a glob before its first wildcard."""
+  head = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+  return head if head.endswith("/") else os.path.dirname(head)
+
+
 def text_files_source(pattern: str, split: str) -> TextFilesSource:
-  """One split of the files matching `pattern`, split by hash of each path."""
+  """One split of the files matching `pattern`, split by hash of each path relative to the
+  glob's root (so the split does not depend on the working directory or mount point)."""
   files = glob_files(pattern)
   if not files:
     raise ValueError(f"cfg.data.glob={pattern!r} matches no files.")
-  return TextFilesSource(split_files(files)[split])
+  root = _glob_root(os.path.expanduser(pattern))
+  by_rel = {os.path.relpath(f, root) if not f.startswith("gs://") else f[len(root):]: f
+            for f in files}
+  return TextFilesSource([by_rel[rel] for rel in split_files(list(by_rel))[split]])
 
 
 def tfds_source(name: str, split: str, data_dir_: epath.Path) -> Sequence[dict]:
@@ -249,4 +290,4 @@ def tfds_source(name: str, split: str, data_dir_: epath.Path) -> Sequence[dict]:
     raise RuntimeError(
         f"cfg.data.tfds_name={name!r}, split={split!r}: could not open it in {data_dir_} "
         f"({type(e).__name__}: {e}). bscan reads TFDS datasets prepared in ArrayRecord "
-        "format (see README, 'TFDS datasets'); set cfg.data.data_dir to where it lives.") from e
+        "format (see README, 'Data'); set cfg.data.data_dir to where it lives.") from e

@@ -11,6 +11,8 @@ import numpy as np
 TOKENIZER_NAMES = ("bytes", "sentencepiece", "tiktoken")
 
 
+SENTENCEPIECE_SEED = 20181214  # any fixed value; shuffling of training sentences
+
 class Tokenizer(abc.ABC):
   """Maps text to token ids and back; documents are separated by `eos_id`."""
 
@@ -87,6 +89,8 @@ class SentencePieceTokenizer(Tokenizer):
     # Trained per line: code and prose are line-structured, and SentencePiece caps the
     # length of one training "sentence". Newlines are restored by encode/decode below.
     lines = (line for text in texts for line in text.splitlines() if line.strip())
+    # Fixed seed: every host (and every rerun) trains the same model from the same sample.
+    spm.set_random_generator_seed(SENTENCEPIECE_SEED)
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines, model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True,

@@ -64,7 +64,7 @@ def derived_values(cfg: ml_collections.ConfigDict, arg: str, vocab_size: int,
       "target_loss": cfg.budget.target_loss or None, "max_steps": config_lib.max_steps(cfg),
       "max_tokens": config_lib.max_steps(cfg) * config_lib.batch_tokens(cfg),
       "vocab_size": vocab_size, "dataset": cfg.data.tfds_name or cfg.data.name,
-      "tokenizer": cfg.tokenizer.name,
+      "tokenizer": cfg.tokenizer.name, "corpus_fingerprint": data_lib.corpus_fingerprint(cfg),
   }
 
 
@@ -131,7 +131,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
     finished = bool(multihost_utils.broadcast_one_to_all(np.array(finished)))
     status = status if finished else None
   if finished:
-    logging.info("Run in %s is already %s; nothing to do.", workdir, status)
+    if jax.process_index() == 0:
+      print(f"{workdir}: already {status}; nothing to do (use a new --workdir to train again)",
+            flush=True)
     return status
 
   is_main = jax.process_index() == 0
@@ -211,7 +213,8 @@ class Trainer:
     self.loop = LoopState(**loop)
     step = int(self.state.step)
     self.writer.truncate_after(step)
-    logging.info("Resumed from step %d.", step)
+    if self.is_main:
+      print(f"resumed from the checkpoint at step {step}", flush=True)
     return step
 
   def _status(self, status: str, reason: str, step: int) -> None:
@@ -239,8 +242,9 @@ class Trainer:
         self.state, train_metrics = self.train_step(self.state, batch)
         train_metrics = {**train_metrics, **hessian}
         step = self.step = step + 1
+        last = step == self.max_steps or step == self._stop_step()
         eval_loss = (self.eval_fn(self.state.params, self.eval_tokens)
-                     if eval_due(step, self.cfg) or step == self.max_steps else None)
+                     if eval_due(step, self.cfg) or last else None)
         if pending:
           outcome = self._finish(*pending)
         pending = (step, train_metrics, eval_loss)
@@ -275,12 +279,18 @@ class Trainer:
     else:
       reason = f"step budget {self.max_steps} used"
     self._status("done", reason, step)
+    if self.is_main:
+      print(f"done: {reason} → {self.workdir}", flush=True)
     return "done"
 
-  def _stop_due(self, step: int) -> bool:
+  def _stop_step(self) -> int | None:
     """After the target is reached, run `overshoot` more so smoothed curves cross it too."""
     t = self.loop.target_step
-    return bool(t) and step >= t + math.ceil(self.cfg.budget.overshoot * t)
+    return t + math.ceil(self.cfg.budget.overshoot * t) if t else None
+
+  def _stop_due(self, step: int) -> bool:
+    stop = self._stop_step()
+    return stop is not None and step >= stop
 
   def _finish(self, step: int, train_metrics: dict[str, Any], eval_loss) -> str | None:
     """Fetches one step's metrics, writes its row; returns 'diverged' on a non-finite loss."""
@@ -301,9 +311,11 @@ class Trainer:
     if step % self.cfg.log_every_steps == 0 or rare or not math.isfinite(loss):
       self.writer.write(row)
     if eval_loss is not None and self.is_main:
+      speed = row["tokens_per_s"]  # none yet on the first step after a start
+      speed = f"{speed:>8.0f} tokens/s" if math.isfinite(speed) else "       – tokens/s"
       print(f"step {step:>6}  tokens {row['tokens']:>11,}  train {loss:.4f}  eval "
             f"{row['eval_loss']:.4f}  B_simple {row.get('b_simple_tokens', float('nan')):>9.0f} "
-            f"tokens  {row['tokens_per_s']:>8.0f} tokens/s", flush=True)
+            f"tokens  {speed}", flush=True)
     if not math.isfinite(loss):
       self._diverged_step = step
       return "diverged"

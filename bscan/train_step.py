@@ -103,7 +103,8 @@ def _sharded_grads(loss_fn: LossFn, sc: StepConfig, mesh: Mesh):
   """shard_map'd: each device's LocalGrads, reduced to global means over 'data'."""
 
   def per_device(params, batch):
-    # Without pcast, grads of replicated params come back psum'd over devices (DESIGN.md).
+    # Without pcast, grads of replicated params come back psum'd over devices (the transpose
+    # of shard_map's implicit broadcast), not as this device's own gradient.
     params = lax.pcast(params, "data", to="varying")
     local = accumulate(loss_fn, params, batch, sc, axis="data")
     mean = functools.partial(lax.pmean, axis_name="data")
@@ -184,8 +185,9 @@ def make_hessian_fn(loss_fn: LossFn, sc: StepConfig, mesh: Mesh,
                     curvature: noise_scale.Curvature = "hessian") -> Callable:
   """jit(fn)(params, batch) -> B_noise terms; each device holds out its last microbatch for H·v.
 
-  H must come from data independent of the gradients it multiplies (DESIGN.md), so the
-  gradients use the other K−1 microbatches: B_small is unchanged, B_big = (K−1)·D·B_small.
+  H must come from data independent of the gradients it multiplies (same-batch H is biased
+  by O(1/B), the size of the term measured), so the gradients use the other K−1
+  microbatches: B_small is unchanged, B_big = (K−1)·D·B_small.
   """
 
   def per_device(params, batch):

@@ -32,7 +32,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  # Must precede every other JAX call (DESIGN.md pitfall).
+  # Must precede every other JAX call, or JAX starts single-process.
   if _MULTIHOST.value == "on" or (_MULTIHOST.value == "auto" and _is_multihost_job()):
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
@@ -40,8 +40,12 @@ def main(argv):
 
   filename = config_flags.get_config_filename(flags.FLAGS["config"])
   arg = filename.split(":", 1)[1] if ":" in filename else ""
-  status = train.run(_CONFIG.value, _WORKDIR.value, arg=arg,
-                     allow_config_change=_ALLOW_CHANGE.value)
+  from bscan import config as config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    status = train.run(_CONFIG.value, _WORKDIR.value, arg=arg,
+                       allow_config_change=_ALLOW_CHANGE.value)
+  except config_lib.ConfigError as e:  # a config that cannot work: say why, no traceback
+    sys.exit(f"error: {e}")
   if status == "failed":
     sys.exit(143)  # preempted: the checkpoint is saved; rerun to resume
 

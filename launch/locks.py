@@ -1,8 +1,10 @@
 """One lock file per sweep point, so two launchers sharing a sweep never run a point twice.
 
 A lock is created atomically with O_CREAT|O_EXCL and holds the launcher's pid, the
-trainer child's pid, the host and the time. It is stale when it was written on this host
-and none of its pids is alive; a stale lock is broken under a short-lived '.break' lock so
+trainer child's pid, each pid's start time (/proc/PID/stat field 22, on Linux), the host and
+the time. It is stale when it was written on this host and none of its pids is alive, where
+a pid whose start time differs from the recorded one has been reused by another process
+and counts as dead (a crashed launcher's pid reused later never holds its lock); a stale lock is broken under a short-lived '.break' lock so
 two launchers cannot both break it and both win. Locks need a POSIX file system (local
 disk or NFS). GCS has no O_EXCL, so for a gs:// sweep the locks live on a local or NFS
 path (`--lock_dir`); launchers on different machines must share that path to see each
@@ -22,19 +24,45 @@ from typing import Any
 _BREAK_STALE_S = 60.0  # a '.break' lock (or an empty lock) older than this was left by a crash
 
 
-def pid_alive(pid: int) -> bool:
-  """Whether a process with this pid runs on this host (zombies count as dead)."""
+def _proc_stat(pid: int) -> list[str] | None:
+  """Fields 3.. of /proc/PID/stat (after 'pid (comm)'), or None where unreadable (non-Linux)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()
+  except (OSError, IndexError):
+    return None
+
+
+def process_start_time(pid: int) -> int | None:
+  """The pid's start time in clock ticks since boot (stat field 22), None where unknown."""
+  fields = _proc_stat(pid)
+  try:
+    return int(fields[22 - 3]) if fields else None
+  except (IndexError, ValueError):
+    return None
+
+
+def pid_alive(pid: int, start_time: int | None = None) -> bool:
+  """Whether a process with this pid runs on this host (zombies count as dead).
+
+  With start_time (from process_start_time when the pid was recorded), a process whose
+  start time differs is another one that reuses the pid, and the recorded one is dead.
+  """
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
+    pass
+  fields = _proc_stat(pid)
+  if fields is None:
     return True
-  try:  # Linux: a zombie waits for its (dead) parent's reaper but runs nothing
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except (OSError, IndexError):
-    return True
+  if fields[0] == "Z":  # Linux: a zombie waits for its (dead) parent's reaper but runs nothing
+    return False
+  if start_time is not None:
+    now = process_start_time(pid)
+    return now is None or now == start_time
+  return True
 
 
 @dataclasses.dataclass
@@ -59,8 +87,10 @@ class PointLock:
             f"since {o.get('time')}; lock file {self.path}")
 
   def _write(self, fd: int, child_pid: int | None) -> None:
-    content = {"pid": os.getpid(), "child_pid": child_pid, "host": socket.gethostname(),
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    content = {"pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+               "child_pid": child_pid,
+               "child_start": process_start_time(child_pid) if child_pid else None,
+               "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     os.write(fd, json.dumps(content).encode())
 
   def _is_stale(self) -> bool:
@@ -72,8 +102,10 @@ class PointLock:
         return False
     if o.get("host") != socket.gethostname():
       return False  # cannot see another host's processes
-    pids = [p for p in (o.get("pid"), o.get("child_pid")) if isinstance(p, int)]
-    return not any(pid_alive(p) for p in pids)
+    owners = [(o.get(pid), o.get(start)) for pid, start in
+              (("pid", "pid_start"), ("child_pid", "child_start"))]
+    return not any(pid_alive(p, s if isinstance(s, int) else None)
+                   for p, s in owners if isinstance(p, int))
 
   def try_acquire(self) -> bool:
     """Takes the lock; False when a live owner holds it. Breaks stale locks."""

@@ -10,10 +10,24 @@ Actions: create (queue the slices), run (wait until ACTIVE, install on every wor
 the slice's points in the background), up (create + run), status, delete. Slice names are
 derived from the sweep dir, so every action finds the same slices. With --tpu_name the
 points run on an existing TPU VM (nothing is created or deleted). Points on one slice run
-one after another; on every worker, `python3 -m experiments.train ... --multihost=on`,
-under `flock` so a repeated `run` never starts a slice's points twice. --dry_run prints
-each gcloud command (shlex-quoted; the remote --command quoted per argument) and runs
-nothing.
+one after another; on every worker, `PYTHON -m experiments.train ... --multihost=on`,
+under `flock` so a repeated `run` never starts a slice's points twice (it prints "already
+running" instead). --dry_run prints each gcloud command (shlex-quoted; the remote --command
+quoted per argument) and runs nothing.
+
+Rerunning is safe: `create`/`up` skip queued resources that exist, slices whose points
+are all final (done or diverged in their status.json) are neither created nor started, and
+a slice's unfinished points only are started. An error on one slice (create, setup, start,
+a FAILED queued resource) does not stop the others; all are listed at the end and the exit
+code is 1. --provisioning=best_effort uses `gcloud alpha` (--best-effort is alpha-only).
+
+Python on the workers: bscan needs Python >= 3.11 but the default TPU VM images (Ubuntu
+22.04) ship 3.10. So by default setup makes a Python 3.11 virtual environment in
+~/bscan-venv (--remote_venv) on every worker, with uv, which downloads a standalone CPython
+(no apt): `python3 -m pip install --user uv && ~/.local/bin/uv venv --seed --python 3.11
+~/bscan-venv`, skipped when the venv exists; the package is pip installed into it and
+points run with ~/bscan-venv/bin/python. --remote_python=/usr/bin/python3.11 (any
+interpreter >= 3.11 on the workers) uses that interpreter instead and makes no venv.
 """
 
 from __future__ import annotations
@@ -46,6 +60,9 @@ RUNTIMES = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu
             "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite", "v6e": "v2-alpha-tpuv6e"}
 PROVISIONING = {"on_demand": [], "spot": ["--spot"], "reserved": ["--reserved"],
                 "best_effort": ["--best-effort"]}
+ALPHA_PROVISIONING = {"best_effort"}  # flags only `gcloud alpha ... queued-resources create` has
+BAD_STATES = ("FAILED", "SUSPENDED", "SUSPENDING", "DELETING")
+MIN_PYTHON = (3, 11)  # what bscan's jax/flax pins need on the workers
 _TAR_EXCLUDE = {".git", ".venv", "runs", "__pycache__", "build", ".pytest_cache", "data"}
 
 FLAGS = flags.FLAGS
@@ -72,7 +89,12 @@ def define_flags() -> None:
       "package", ".", "What workers pip install: a pip requirement (git URL) or a local "
       ".tar.gz/.whl/source dir (copied with tpu-vm scp).")
   flags.DEFINE_list("pip_extra", ["jax[tpu]", "gcsfs"], "Also pip installed.")
-  flags.DEFINE_string("remote_python", "python3", "Python on the workers.")
+  flags.DEFINE_string(
+      "remote_python", "", "Python (>= 3.11) on the workers; empty: the --remote_venv venv's, "
+      "made with uv on first setup. E.g. /usr/bin/python3.11 uses that and makes no venv.")
+  flags.DEFINE_string("remote_venv", "bscan-venv",
+                      "Worker venv dir (relative to home) used when --remote_python is empty.")
+  flags.DEFINE_string("remote_python_version", "3.11", "Python version of that venv.")
   flags.DEFINE_string("remote_dir", "bscan_run", "Worker dir (relative to home).")
   flags.DEFINE_string("trainer", "experiments.train", "Trainer module (python -m).")
   flags.DEFINE_boolean("detach", True, "Start points in the background (nohup).")
@@ -120,6 +142,35 @@ def default_prefix(sweep_dir: str) -> str:
   return f"bscan-{base[:30]}-{digest}".replace("--", "-")
 
 
+def sh_quote(word: str) -> str:
+  """shlex.quote, except that a leading '~/' stays unquoted so the shell expands it."""
+  if word.startswith("~/") and len(word) > 2:
+    return "~/" + shlex.quote(word[2:])
+  return shlex.quote(word)
+
+
+def sh_join(words: Sequence[str]) -> str:
+  """shlex.join with sh_quote: '~/x' words are the worker's home."""
+  return " ".join(sh_quote(w) for w in words)
+
+
+def venv_command(venv: str, version: str) -> str:
+  """Remote line that makes a Python `version` venv at `venv` with uv, unless it exists."""
+  python, uv = sh_quote(f"{venv}/bin/python"), "~/.local/bin/uv"
+  return (f"if ! test -x {python}; then {{ test -x {uv} || python3 -m pip install -q --user uv; }}"
+          f" && {uv} venv -q --seed --python {shlex.quote(version)} {sh_quote(venv)}; fi")
+
+
+def install_command(python: str, requirements: Sequence[str]) -> str:
+  """Remote line that checks python is new enough, then pip installs requirements with it."""
+  py = shlex.split(python)
+  need = ".".join(map(str, MIN_PYTHON))
+  check = (f"import sys; sys.exit(sys.version_info < {MIN_PYTHON!r} and 'bscan needs Python >= "
+           f"{need} on the workers (see --remote_python); got ' + sys.version.split()[0])")
+  return (f"{sh_join([*py, '-c', check])} && "
+          f"{sh_join([*py, '-m', 'pip', 'install', '-q', *requirements])}")
+
+
 def point_command(python: str, trainer: str, config: str, point: sweep_lib.ExpandedPoint
                   ) -> list[str]:
   """argv of one point's trainer run on every worker of a slice."""
@@ -129,13 +180,19 @@ def point_command(python: str, trainer: str, config: str, point: sweep_lib.Expan
 
 def remote_start_command(commands: Sequence[Sequence[str]], remote_dir: str, name: str,
                          detach: bool = True) -> str:
-  """The remote shell line that runs a slice's points in order, once, each arg quoted."""
-  script = " ; ".join(shlex.join(c) for c in commands)  # ';': a failed point never stops the rest
-  inner = f"flock -n {shlex.quote(name + '.lock')} bash -c {shlex.quote(script)}"
+  """The remote shell line that runs a slice's points in order, once, each arg quoted.
+
+  The shell takes the slice's flock on fd 9 and the (background) run inherits it, so the
+  lock is held until the points finish. It prints 'started NAME, log in ...' or, when the
+  lock is held, 'already-running NAME'. Words starting with '~/' are in the worker's home.
+  """
+  script = " ; ".join(sh_join(c) for c in commands)  # ';': a failed point never stops the rest
+  run = f"bash -c {shlex.quote(script)}"
   if detach:
-    inner = (f"nohup {inner} >> {shlex.quote(name + '.log')} 2>&1 < /dev/null & "
-             f"echo started {shlex.quote(name)}, log in {shlex.quote(remote_dir + '/' + name)}.log")
-  return f"cd {shlex.quote(remote_dir)} && {inner}"
+    run = (f"nohup {run} >> {shlex.quote(name + '.log')} 2>&1 < /dev/null & "
+           f"echo started {shlex.quote(name)}, log in {shlex.quote(remote_dir + '/' + name)}.log")
+  return (f"cd {shlex.quote(remote_dir)} && exec 9>> {shlex.quote(name + '.lock')} && "
+          f"if flock -n 9; then {run}; else echo already-running {shlex.quote(name)}; fi")
 
 
 @dataclasses.dataclass
@@ -154,7 +211,9 @@ class TpuLauncher:
   tpu_name: str = ""
   package: str = "."
   pip_extra: Sequence[str] = ("jax[tpu]", "gcsfs")
-  remote_python: str = "python3"
+  remote_python: str = ""  # empty: ~/REMOTE_VENV/bin/python, made by setup
+  remote_venv: str = "bscan-venv"
+  remote_python_version: str = "3.11"
   remote_dir: str = "bscan_run"
   trainer: str = "experiments.train"
   detach: bool = True
@@ -165,6 +224,7 @@ class TpuLauncher:
   runner: Callable[[Sequence[str], bool], str] = subprocess_runner
   out: TextIO | None = None  # None: sys.stdout at print time
   sleep: Callable[[float], None] = time.sleep
+  failures: dict[str, str] = dataclasses.field(default_factory=dict)  # slice -> what failed
 
   def __post_init__(self):
     validate_zone(self.zone)
@@ -178,6 +238,8 @@ class TpuLauncher:
     self.name_prefix = self.name_prefix or default_prefix(self.sweep_dir)
     if not re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", self.name_prefix):
       raise ValueError(f"--name_prefix={self.name_prefix!r}: lowercase letters, digits, '-'")
+    if not self.remote_python and not self.remote_venv:
+      raise ValueError("give --remote_venv or --remote_python")
     self.sweep = sweep_lib.load_sweep(self.config)
     self.points = sweep_lib.expand(self.sweep, self.sweep_dir)
 
@@ -189,8 +251,47 @@ class TpuLauncher:
     return {f"{self.name_prefix}-{i // n}": self.points[i:i + n]
             for i in range(0, len(self.points), n)}
 
+  @property
+  def venv(self) -> str:
+    """The workers' venv dir setup makes ('~/' is the worker's home); '' with --remote_python."""
+    if self.remote_python:
+      return ""
+    return self.remote_venv if self.remote_venv.startswith(("/", "~/")) else "~/" + self.remote_venv
+
+  @property
+  def python(self) -> str:
+    """The Python that installs the package and runs points on the workers."""
+    return self.remote_python or f"{self.venv}/bin/python"
+
+  def pending(self) -> dict[str, list[sweep_lib.ExpandedPoint]]:
+    """Slices with points that are not final yet, each with those points (all in a dry run)."""
+    if self.dry_run:
+      return self.slices()
+    result = {}
+    for name, points in self.slices().items():
+      todo = [p for p in points if not workdirs.is_final(workdirs.read_status(p.workdir))]
+      if todo:
+        result[name] = todo
+      else:
+        hint = "" if self.tpu_name else "; `delete` frees its TPU if it still exists"
+        self._say(f"{name}: all {len(points)} points are done or diverged; skipping it{hint}")
+    return result
+
   def _say(self, text: str) -> None:
     print(text, file=self.out or sys.stdout, flush=True)
+
+  def _fail(self, name: str, reason: str) -> None:
+    self.failures[name] = reason
+    self._say(f"{name}: {reason}")
+
+  def report(self) -> int:
+    """Lists every slice that failed; 1 when some did."""
+    if not self.failures:
+      return 0
+    self._say(f"{len(self.failures)} slice(s) failed:")
+    for name, reason in self.failures.items():
+      self._say(f"  {name}: {reason.splitlines()[0] if reason else ''}")
+    return 1
 
   def _run(self, argv: Sequence[str], capture: bool = False) -> str:
     if self.dry_run:
@@ -198,8 +299,9 @@ class TpuLauncher:
       return ""
     return self.runner(argv, capture)
 
-  def _gcloud(self, *args: str) -> list[str]:
-    return [self.gcloud, "compute", "tpus", *args, f"--zone={self.zone}",
+  def _gcloud(self, *args: str, alpha: bool = False) -> list[str]:
+    return [self.gcloud, *(["alpha"] if alpha else []), "compute", "tpus", *args,
+            f"--zone={self.zone}",
             *([f"--project={self.project}"] if self.project else [])]
 
   def _ssh(self, node: str, command: str) -> list[str]:
@@ -215,24 +317,46 @@ class TpuLauncher:
     workdirs.check_access(self.sweep_dir)
     sweep_lib.write_sweep_json(self.config, self.sweep, self.sweep_dir)
 
-  def create(self) -> None:
-    """Queues one TPU VM per slice (nothing with --tpu_name)."""
+  def create(self) -> int:
+    """Queues one TPU VM per unfinished slice, unless it exists (nothing with --tpu_name).
+
+    Returns 1 when some slice could not be created (recorded in failures), else 0.
+    """
     self._check()
     if self.tpu_name:
       self._say(f"using existing TPU VM {self.tpu_name}; nothing to create")
-      return
-    for name in self.slices():
-      self._run(self._gcloud("queued-resources", "create", name, f"--node-id={name}",
-                             f"--accelerator-type={self.accelerator_type}",
-                             f"--runtime-version={self.runtime_version}",
-                             *PROVISIONING[self.provisioning]))
+      return 0
+    failed = 0
+    for name in self.pending():
+      try:
+        state = self._describe(name)
+      except CommandError:  # not found (or describe denied: then create says why)
+        state = ""
+      if state:
+        self._say(f"{name}: queued resource exists ({state}); not creating it again")
+        continue
+      try:
+        self._run(self._gcloud("queued-resources", "create", name, f"--node-id={name}",
+                               f"--accelerator-type={self.accelerator_type}",
+                               f"--runtime-version={self.runtime_version}",
+                               *PROVISIONING[self.provisioning],
+                               alpha=self.provisioning in ALPHA_PROVISIONING))
+      except CommandError as e:
+        if "ALREADY_EXISTS" in str(e) or "already exists" in str(e):
+          self._say(f"{name}: queued resource exists; not creating it again")
+        else:
+          failed = 1
+          self._fail(name, f"create failed: {e}")
+    return failed
 
-  def _state(self, name: str) -> str:
-    if self.dry_run:
-      self._run(self._gcloud("queued-resources", "describe", name, "--format=value(state.state)"))
-      return "ACTIVE"
+  def _describe(self, name: str) -> str:
+    """The queued resource's state; CommandError when it does not exist."""
     return self._run(self._gcloud("queued-resources", "describe", name,
                                   "--format=value(state.state)"), capture=True).strip()
+
+  def _state(self, name: str) -> str:
+    state = self._describe(name)
+    return "ACTIVE" if self.dry_run else state
 
   def _package_files(self) -> tuple[list[str], str]:
     """Local files to copy to workers and the pip requirement that installs the package."""
@@ -250,7 +374,7 @@ class TpuLauncher:
     return [path], f"{self.remote_dir}/{os.path.basename(path)}"
 
   def setup(self, node: str) -> None:
-    """Copies the config (and a local package) to every worker and pip installs."""
+    """Copies the config (and a local package) to every worker; makes the venv; pip installs."""
     files, requirement = self._package_files()
     self._run(self._ssh(node, f"mkdir -p {shlex.quote(self.remote_dir + '/configs')}"))
     self._run(self._gcloud("tpu-vm", "scp", self.config, f"{node}:{self.remote_dir}/configs/",
@@ -258,39 +382,67 @@ class TpuLauncher:
     if files:
       self._run(self._gcloud("tpu-vm", "scp", *files, f"{node}:{self.remote_dir}/",
                              "--worker=all", "--quiet"))
-    pip = [*shlex.split(self.remote_python), "-m", "pip", "install", "-q", requirement,
-           *self.pip_extra]
-    self._run(self._ssh(node, shlex.join(pip)))
+    install = install_command(self.python, [requirement, *self.pip_extra])
+    if self.venv:
+      install = f"{venv_command(self.venv, self.remote_python_version)} && {install}"
+    self._run(self._ssh(node, install))
 
   def start(self, node: str, points: Sequence[sweep_lib.ExpandedPoint]) -> None:
     """Starts the slice's points on all workers (in the background unless --nodetach)."""
     config = "configs/" + os.path.basename(self.config)
-    commands = [point_command(self.remote_python, self.trainer, config, p) for p in points]
-    self._run(self._ssh(node, remote_start_command(commands, self.remote_dir, node, self.detach)))
+    commands = [point_command(self.python, self.trainer, config, p) for p in points]
+    argv = self._ssh(node, remote_start_command(commands, self.remote_dir, node, self.detach))
+    if not self.detach:  # the points' output streams here; so does an already-running line
+      self._run(argv)
+      return
+    lines = self._run(argv, capture=True).splitlines()
+    if self.dry_run:
+      return
+    running = sum(line.startswith("already-running ") for line in lines)
+    started = sum(line.startswith("started ") for line in lines)
+    if running:
+      self._say(f"{node}: already running on {running} worker(s); not started again")
+    if started:
+      self._say(f"{node}: started {len(points)} point(s) on {started} worker(s), log in "
+                f"~/{self.remote_dir}/{node}.log")
+    if not running and not started:
+      self._say(f"{node}: workers did not confirm the start; output: {' | '.join(lines)}")
 
   def run(self) -> int:
-    """Waits for each slice to be ACTIVE, then sets it up and starts its points."""
+    """Waits for each unfinished slice to be ACTIVE, then sets it up and starts its points.
+
+    Errors on one slice are recorded in failures and the others go on; returns 1 when any
+    slice (here or in create) failed, else 0.
+    """
     self._check()
-    waiting = dict(self.slices())
+    waiting = {n: ps for n, ps in self.pending().items() if n not in self.failures}
     deadline = time.time() + self.wait_timeout_s
-    failed = []
     while waiting:
       for name in list(waiting):
-        state = "ACTIVE" if self.tpu_name else self._state(name)
-        if state == "ACTIVE":
-          self.setup(name)
-          self.start(name, waiting.pop(name))
-        elif state in ("FAILED", "SUSPENDED", "SUSPENDING", "DELETING"):
-          failed.append(name)
-          self._say(f"{name}: queued resource is {state}; `delete` it and `up` again")
+        try:
+          state = "ACTIVE" if self.tpu_name else self._state(name)
+        except CommandError as e:
           waiting.pop(name)
+          self._fail(name, f"cannot get its queued resource's state: {e}")
+          continue
+        if state == "ACTIVE":
+          points = waiting.pop(name)
+          try:
+            self.setup(name)
+            self.start(name, points)
+          except CommandError as e:
+            self._fail(name, f"setup or start failed: {e}")
+        elif state in BAD_STATES:
+          waiting.pop(name)
+          self._fail(name, f"queued resource is {state}; `delete` it and `up` again")
       if waiting and time.time() > deadline:
-        self._say(f"still queued after {self.wait_timeout_s:.0f}s: {sorted(waiting)}; "
-                  "rerun `run` later (started slices are not started twice)")
-        return 1
+        for name in sorted(waiting):
+          self._fail(name, f"still queued after {self.wait_timeout_s:.0f}s; rerun `run` later "
+                     "(started slices are not started twice)")
+        break
       if waiting:
         self.sleep(self.poll_s)
-    return 1 if failed else 0
+    return 1 if self.failures else 0
 
   def status(self) -> None:
     """Lists this sweep's queued resources and each point's status.json."""
@@ -324,17 +476,20 @@ def main(argv: Sequence[str]) -> None:
         project=FLAGS.project, provisioning=provisioning, points_per_slice=FLAGS.points_per_slice,
         name_prefix=FLAGS.name_prefix, tpu_name=FLAGS.tpu_name, package=FLAGS.package,
         pip_extra=FLAGS.pip_extra, remote_python=FLAGS.remote_python,
+        remote_venv=FLAGS.remote_venv, remote_python_version=FLAGS.remote_python_version,
         remote_dir=FLAGS.remote_dir, trainer=FLAGS.trainer, detach=FLAGS.detach,
         wait_timeout_s=FLAGS.wait_timeout_s, poll_s=FLAGS.poll_s, gcloud=FLAGS.gcloud,
         dry_run=FLAGS.dry_run)
     action = argv[1]
     if action in ("create", "up"):
       launcher.create()
-    rc = launcher.run() if action in ("run", "up") else 0
+    if action in ("run", "up"):
+      launcher.run()
     if action == "status":
       launcher.status()
     elif action == "delete":
       launcher.delete()
+    rc = launcher.report()
   except (FileNotFoundError, ValueError, TypeError, CommandError, workdirs.WorkdirError) as e:
     sys.exit(f"error: {e}")
   sys.exit(rc)

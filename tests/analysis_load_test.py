@@ -111,3 +111,18 @@ def test_nested_workdirs_and_sweep_json_points(tmp_path):
   with pytest.warns(load.RunWarning, match="b256.*not started"):
     dirs = load.find_run_dirs(tmp_path)
   assert [str(p.relative_to(tmp_path)) for p in dirs] == ["3m/b16/lr1e-3/s0"]
+
+
+def test_null_stop_targets_and_budgets_are_numeric(tmp_path):
+  """Fixed-budget runs write target_loss = null; the column must be float NaN, not None."""
+  config = synthetic.run_config(SCAN, SCAN.sizes[0], 16, 1e-3, 0)
+  rows = []
+  for target, budget in ((None, None), (None, 1e6)):
+    config["derived"].update(target_loss=target, max_tokens=budget)
+    rows.append(load.run_row(config, {}, {"status": "done"}))
+  table = load.runs_table(rows)
+  for key in ("target_loss", "max_tokens"):
+    assert table[key].dtype == float, key
+  assert table["vocab_size"].tolist() == [256, 256] and table["seq_len"].tolist() == [128, 128]
+  assert table["target_loss"].isna().all()
+  assert np.isnan(table["max_tokens"].iloc[0]) and table["max_tokens"].iloc[1] == 1e6

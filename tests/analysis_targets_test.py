@@ -97,3 +97,92 @@ def test_targets_below_a_runs_own_stop_target_are_not_counted():
   runs = runs.assign(target_loss=2.1)
   steps = targets.steps_to_targets(runs, [2.0, 2.1])["steps"].to_numpy()
   assert np.isnan(steps[0]) and np.isfinite(steps[1])
+
+
+# Logged every 10 steps: a local window holds ~15 points, so one bad value moves its mean.
+SPARSE = np.arange(10, 3001, 10, dtype=float)
+
+
+def _power(step):
+  return 4.0 * step ** -0.15  # reaches 1.5 at step 691.7
+
+
+def test_single_upward_spike_after_the_crossing_does_not_move_it():
+  """Was 884.9 (+28%): the spike raised the local line and isotonic pooling carried it back."""
+  clean = targets.steps_to_target(SPARSE, _power(SPARSE), 1.5)
+  assert clean == pytest.approx(691.7, rel=1e-3)
+  for spike_step in (720.0, 800.0, 1000.0):
+    loss = _power(SPARSE)
+    loss[np.searchsorted(SPARSE, spike_step)] += 2.0
+    assert targets.steps_to_target(SPARSE, loss, 1.5) == pytest.approx(clean, rel=0.01)
+  loss = _power(SPARSE)
+  loss[np.searchsorted(SPARSE, 800.0) + np.arange(2)] += 2.0  # two consecutive bad values
+  assert targets.steps_to_target(SPARSE, loss, 1.5) == pytest.approx(clean, rel=0.01)
+
+
+def test_blow_up_after_the_crossing_does_not_unreach_the_target():
+  """A run that reached 1.5 at ~692, then blew up over 5 logged points and hit NaN at 1500."""
+  loss = _power(SPARSE)
+  end = np.searchsorted(SPARSE, 1500.0)
+  loss[end - 5:end] *= 3.0
+  loss[end:] = np.nan
+  assert targets.steps_to_target(SPARSE, loss, 1.5) == pytest.approx(691.7, rel=0.01)  # was NaN
+  assert np.isnan(targets.steps_to_target(SPARSE, loss, 1.0))  # never reached before it diverged
+
+
+def test_spikes_in_a_noisy_curve_do_not_bias_steps():
+  rng = np.random.default_rng(3)
+  step = SPARSE
+  errors = []
+  for _ in range(30):
+    loss = _power(step) + 0.01 * rng.standard_normal(len(step))
+    bad = rng.choice(len(step), 6, replace=False)
+    loss[bad] += rng.choice([-1.0, 1.0], 6) * 1.5
+    errors.append(np.log(targets.steps_to_target(step, loss, 1.5) / 691.7))
+  assert abs(np.mean(errors)) < 0.02 and np.std(errors) < 0.05
+
+
+def _runs_with_stop_targets(stop_targets):
+  scan = synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2], batch_sequences=(32, 64),
+                        targets=(2.0,), run_noise=0.0, loss_noise=0.0)
+  runs = synthetic.simulate_runs(scan)
+  return runs.assign(target_loss=pd.Series(stop_targets, index=runs.index, dtype=object))
+
+
+def test_fixed_budget_runs_with_null_stop_targets():
+  """config.json derived.target_loss = null (fixed-budget runs): a None column used to raise."""
+  runs = _runs_with_stop_targets([None, None])
+  steps = targets.steps_to_targets(runs, [2.0, 2.1])["steps"].to_numpy()
+  assert np.isfinite(steps).all()
+  assert steps[0] > steps[1] > 10  # 2.0 is reached after 2.1
+  mixed = targets.steps_to_targets(_runs_with_stop_targets([None, 2.1]), [2.0, 2.1])
+  # Run 0 (no stop target) counts at 2.0; run 1 (told to stop at 2.1) does not.
+  np.testing.assert_array_equal(np.isfinite(mixed["steps"]), [True, True, False, True])
+  np.testing.assert_allclose(mixed["steps"].iloc[:2], steps[:2])
+
+
+def test_choose_targets_stays_above_the_runs_stop_targets():
+  scan = synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2], loss_noise=0.005)
+  runs = synthetic.simulate_runs(scan)  # the curves go down to ~1.57
+  assert min(targets.choose_targets(runs, n=5)) < 1.9
+  runs = runs.assign(target_loss=1.9)  # ... but each run was told to stop at 1.9
+  chosen = targets.choose_targets(runs, n=5)
+  assert min(chosen) >= 1.9 and len(chosen) >= 3
+  best = targets.best_steps(targets.steps_to_targets(runs, chosen))
+  assert (best.groupby("target")["batch_tokens"].nunique() >= 4).all()
+
+
+@pytest.mark.parametrize("field,other", [("dataset", "owt"), ("tokenizer", "gpt2"),
+                                         ("vocab_size", 50257), ("seq_len", 256)])
+def test_runs_of_different_data_in_one_size_are_not_pooled(field, other):
+  scan = synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2], batch_sequences=(16, 32, 64),
+                        targets=(2.0,))
+  runs = synthetic.simulate_runs(scan)
+  runs.loc[0, field] = other
+  with pytest.raises(ValueError, match=f"size 3m.*{field}"):
+    targets.steps_to_targets(runs, [2.0])
+  with pytest.raises(ValueError, match=f"{field}"):
+    targets.choose_targets(runs)
+  other_size = runs.assign(size="3m-owt", n_params=runs["n_params"] + 1)
+  ok = pd.concat([runs.iloc[1:], other_size.iloc[:1]], ignore_index=True)
+  assert len(targets.steps_to_targets(ok, [2.0])) == 3  # different sizes may differ

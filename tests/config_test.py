@@ -100,3 +100,13 @@ def test_kaplan_config_data_choices():
     kaplan.get_config("data=lm1b")
   with pytest.raises(config_lib.ConfigError, match="unknown arg key.*'lr'"):
     kaplan.get_config("lr=1e-3")  # the rate comes from eq. D.1; lr_scale scales it
+
+
+def test_hessian_needs_a_held_out_and_two_gradient_microbatches():
+  c = _cfg(batch_size=16, microbatch_size=8, noise__hessian_every=2)  # K = 2 on one device
+  with pytest.raises(config_lib.ConfigError, match="held-out microbatch per device"):
+    config_lib.validate(c, num_devices=1)
+  c.microbatch_size = 4  # K = 4: one held out, three for gradients
+  config_lib.validate(c, num_devices=1)
+  c.batch_size, c.microbatch_size = 16, 1  # 8 devices × K = 2: 8 gradient microbatches
+  config_lib.validate(c, num_devices=8)

@@ -25,12 +25,15 @@ def test_is_test_path(relpath, is_test):
 
 
 def test_stdlib_file_set_rule():
-  """Exactly *.py under the stdlib dir, never under *-packages; tests in or out."""
+  """Exactly *.py under the stdlib dir, never under *-packages nor build-generated; tests in
+  or out."""
   root = pathlib.Path(datasets.stdlib_dir())
   expected = set()
   for p in root.rglob("*.py"):
     rel = p.relative_to(root).as_posix()
-    if not any(part.endswith("-packages") for part in rel.split("/")) and p.is_file():
+    dirs = rel.split("/")[:-1]
+    if (not any(d.endswith("-packages") or d.startswith("config-") for d in dirs)
+        and not p.name.startswith("_sysconfigdata_") and p.is_file()):
       expected.add(rel)
   with_tests = datasets.stdlib_files(include_tests=True)
   without = datasets.stdlib_files(include_tests=False)
@@ -40,6 +43,7 @@ def test_stdlib_file_set_rule():
   assert any(datasets.is_test_path(p) for p in with_tests)
   assert "os.py" in without and "test/test_os.py" in with_tests
   assert not any("-packages" in p for p in with_tests)
+  assert not any("sysconfigdata" in p or p.startswith("config-") for p in with_tests)
 
 
 def test_max_files_is_a_deterministic_spread_subset():
@@ -138,3 +142,24 @@ def test_builder_pickles_for_worker_processes(tmp_path, max_files):
   builder = datasets.pystdlib_builder(False, max_files, epath.Path(tmp_path))
   clone = pickle.loads(pickle.dumps(builder))
   assert clone.builder_config.name == builder.builder_config.name
+
+
+def test_text_files_split_does_not_depend_on_how_the_path_is_spelled(tmp_path, monkeypatch):
+  for i in range(60):
+    (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n")
+  absolute = datasets.text_files_source(str(tmp_path / "*.txt"), "validation")
+  monkeypatch.chdir(tmp_path.parent)
+  relative = datasets.text_files_source(f"{tmp_path.name}/*.txt", "validation")
+  names = lambda src: sorted(pathlib.Path(src[i]["path"]).name for i in range(len(src)))
+  assert names(absolute) == names(relative) and len(absolute) > 0
+
+
+def test_a_data_dir_built_from_another_stdlib_is_refused(pystdlib_cfg, monkeypatch):
+  cfg = pystdlib_cfg
+  root = datasets.data_dir(cfg.data.data_dir)
+  builder = datasets.pystdlib_builder(False, cfg.data.max_files, root)
+  stored = datasets.Fingerprint(**builder.info.metadata["fingerprint"])
+  other = datasets.Fingerprint(stored.num_files, stored.num_bytes + 1, "0" * 64)
+  monkeypatch.setattr(datasets, "local_fingerprint", lambda *_: other)
+  with pytest.raises(ValueError, match="built from a different standard library"):
+    datasets.pystdlib_source(False, cfg.data.max_files, root, "train")

@@ -411,7 +411,7 @@ def test_hessian_noise_terms_rejects_single_microbatch():
 
 
 def test_hessian_noise_terms_inside_shard_map_use_per_device_gradients():
-  # Replicated parameters inside shard_map would give psums of gradients (DESIGN pitfall);
+  # Replicated parameters inside shard_map would give psums of gradients (the transpose of the broadcast);
   # with axis_name the terms equal the float64 reference over all devices' microbatches.
   n_dev = jax.device_count()
   x, t, w = _logistic_population()

@@ -179,7 +179,10 @@ def runs_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
   df = pd.DataFrame(list(rows))
   if df.empty:
     return df
-  for key in ("n_params", "batch_sequences", "batch_tokens", "learning_rate", "seed"):
+  # Numeric settings as floats, NaN where missing: fixed-budget runs write target_loss = null,
+  # stop-at-target runs may write max_tokens = null, and a None column would break arithmetic.
+  for key in ("n_params", "batch_sequences", "batch_tokens", "learning_rate", "seed",
+              "target_loss", "max_tokens", "vocab_size", "seq_len"):
     df[key] = pd.to_numeric(df[key], errors="coerce")
   df = df.sort_values(["n_params", "batch_tokens", "learning_rate", "seed"], kind="stable")
   return df.reset_index(drop=True)

@@ -14,6 +14,15 @@ for the noisy small-batch runs and biased B_crit low by ~5% in the synthetic sca
 regression pools flat, noisy stretches instead of following their dips. Runs that never reach
 L get NaN (they are excluded, never extrapolated), as do runs that reach it before `min_step`
 (warmup and the first logged points say little about S).
+
+Nothing after a crossing may move it. Two guards: (1) a running median over 5 logged points runs
+before the local line, so an isolated bad value (one or two logged points: a loss spike, a bad
+batch) is dropped instead of tilting every window it falls in; for a curve that is monotone or
+locally linear with symmetric noise the median is unbiased. Without it, one logged value +2 nats
+after the crossing moved S ~28% later (loss 4*step^-0.15 logged every 10 steps, target 1.5).
+(2) The isotonic fit covers only the curve up to the minimum of the smoothed loss: first reaching
+L never needs later points, and a run that blew up after reaching L (or just drifted up) would
+otherwise pool its end with the crossing, delaying it or hiding it altogether.
 """
 
 from __future__ import annotations
@@ -26,6 +35,10 @@ from scipy import optimize
 
 DEFAULT_WINDOW = 0.1  # half-width of the smoothing window in log(step)
 DEFAULT_MIN_STEP = 10.0  # targets reached earlier are unreliable
+MEDIAN_POINTS = 5  # running median over this many logged points before the local line
+# Settings of a run that make its loss a different quantity: runs that differ in any of them are
+# not points of one batch-size scan, and their losses are not comparable.
+COMPARABLE_KEYS = ("dataset", "tokenizer", "vocab_size", "seq_len")
 LOSS_COLUMNS = {"train": ("step", "train_loss"), "eval": ("eval_step", "eval_loss")}
 
 
@@ -37,17 +50,32 @@ def finite_prefix(step: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.nd
   return step[:end], loss[:end]
 
 
-def smooth_log_window(step: np.ndarray, loss: np.ndarray,
-                      window: float = DEFAULT_WINDOW) -> np.ndarray:
-  """Local linear fit in log(step) over |log s' - log s| <= window, shrunk symmetrically at ends.
+def running_median(values: np.ndarray, points: int = MEDIAN_POINTS) -> np.ndarray:
+  """Median over `points` consecutive values (odd), shrunk symmetrically at the ends."""
+  values = np.asarray(values, float)
+  out = values.copy()
+  for k in range(1, points // 2 + 1):  # half-width k wherever the ends allow it
+    if len(values) < 2 * k + 1:
+      break
+    windows = np.lib.stride_tricks.sliding_window_view(values, 2 * k + 1)
+    out[k:len(values) - k] = np.median(windows, axis=1)
+  return out
 
-  A local line rather than a plain mean: with unevenly logged steps (integer steps early on,
-  sparse logging later) a window's points are not symmetric about its centre, and a mean would
-  lag; a local line is exact for curves linear in log(step) whatever the spacing.
+
+def smooth_log_window(step: np.ndarray, loss: np.ndarray, window: float = DEFAULT_WINDOW,
+                      median_points: int = MEDIAN_POINTS) -> np.ndarray:
+  """Running median, then a local linear fit in log(step) over |log s' - log s| <= window.
+
+  The window is shrunk symmetrically at the ends. A local line rather than a plain mean: with
+  unevenly logged steps (integer steps early on, sparse logging later) a window's points are not
+  symmetric about its centre, and a mean would lag; a local line is exact for curves linear in
+  log(step) whatever the spacing. The running median (over `median_points` logged points; 1 turns
+  it off) removes isolated outliers first, which a least-squares line would follow.
   """
   loss = np.asarray(loss, float)
   if len(step) == 0 or window <= 0:
     return loss.copy()
+  loss = running_median(loss, median_points)
   ls = np.log(np.asarray(step, float))
   half = np.minimum(window, np.minimum(ls - ls[0], ls[-1] - ls))
   lo = np.searchsorted(ls, ls - half - 1e-12, side="left")
@@ -67,18 +95,21 @@ def smooth_log_window(step: np.ndarray, loss: np.ndarray,
 
 def envelope(step: np.ndarray, loss: np.ndarray, window: float = DEFAULT_WINDOW
              ) -> tuple[np.ndarray, np.ndarray]:
-  """(steps, best non-increasing fit of the smoothed loss) over the finite prefix of the curve."""
+  """(steps, best non-increasing fit of the smoothed loss) up to the smoothed curve's minimum.
+
+  Only the finite prefix of the curve counts, and of it only the part up to where the smoothed
+  loss is lowest: whatever comes later cannot change where a loss is first reached.
+  """
   step, loss = finite_prefix(step, loss)
   if len(loss) == 0:
     return step, loss
   smoothed = smooth_log_window(step, loss, window)
-  return step, optimize.isotonic_regression(smoothed, increasing=False).x
+  end = int(np.argmin(smoothed)) + 1
+  return step[:end], optimize.isotonic_regression(smoothed[:end], increasing=False).x
 
 
-def steps_to_target(step: np.ndarray, loss: np.ndarray, target: float,
-                    window: float = DEFAULT_WINDOW, min_step: float = DEFAULT_MIN_STEP) -> float:
-  """First step (interpolated in log step) where the smoothed loss reaches `target`, else NaN."""
-  s, env = envelope(step, loss, window)
+def _first_reach(s: np.ndarray, env: np.ndarray, target: float, min_step: float) -> float:
+  """Step (interpolated in log step) where the envelope first reaches `target`, else NaN."""
   below = np.nonzero(env <= target)[0]
   if len(below) == 0 or below[0] == 0:  # never reached, or already at the first logged point
     return np.nan
@@ -88,16 +119,54 @@ def steps_to_target(step: np.ndarray, loss: np.ndarray, target: float,
   return reached if reached >= min_step else np.nan
 
 
+def steps_to_target(step: np.ndarray, loss: np.ndarray, target: float,
+                    window: float = DEFAULT_WINDOW, min_step: float = DEFAULT_MIN_STEP) -> float:
+  """First step (interpolated in log step) where the smoothed loss reaches `target`, else NaN."""
+  s, env = envelope(step, loss, window)
+  return _first_reach(s, env, target, min_step)
+
+
+def _as_float(value) -> float:
+  """A settings value (None, NaN, str or number) as a float; NaN when missing or not a number."""
+  value = pd.to_numeric(value, errors="coerce")
+  return float(value) if value is not None else np.nan
+
+
+def check_comparable(runs: pd.DataFrame) -> None:
+  """Raises ValueError when runs of one model size differ in data, tokenizer or sequence length.
+
+  Such runs measure loss in different units (or on different data), so the best run per batch
+  size and the S/E fit would compare numbers that do not compare. Missing values are ignored.
+  """
+  keys = [k for k in COMPARABLE_KEYS if k in runs.columns]
+  if not keys or runs.empty:
+    return
+  for (size, n_params), group in runs.groupby(["size", "n_params"], sort=True, dropna=False):
+    for key in keys:
+      values = sorted({str(v) for v in group[key] if v is not None and not pd.isna(v)})
+      if len(values) > 1:
+        raise ValueError(
+            f"size {size} (n_params {n_params}) mixes runs with different {key}: "
+            f"{', '.join(values)}. Their losses are not comparable: analyse each {key} "
+            f"separately (pass their sweep directories to separate analyses).")
+
+
 def steps_to_targets(runs: pd.DataFrame, targets: Sequence[float], loss: str = "train",
                      window: float = DEFAULT_WINDOW, min_step: float = DEFAULT_MIN_STEP
                      ) -> pd.DataFrame:
-  """Per run and target: steps and tokens to reach it (NaN when not reached reliably)."""
+  """Per run and target: steps and tokens to reach it (NaN when not reached reliably).
+
+  Raises:
+    ValueError: runs of one model size differ in dataset, tokenizer, vocab size or seq_len.
+  """
   step_col, loss_col = LOSS_COLUMNS[loss]
+  check_comparable(runs)
   rows = []
   for idx, run in runs.iterrows():
-    stop_target = run.get("target_loss", np.nan)
+    stop_target = _as_float(run.get("target_loss", np.nan))  # null for fixed-budget runs
+    s_env, env = envelope(run[step_col], run[loss_col], window)
     for target in targets:
-      s = steps_to_target(run[step_col], run[loss_col], target, window, min_step)
+      s = _first_reach(s_env, env, target, min_step)
       if np.isfinite(stop_target) and target < stop_target - 1e-9:
         # Below the loss this run was told to stop at: only the runs that overshot it by
         # chance (small batches) would count, a biased subset. Not a target for this run.
@@ -127,20 +196,24 @@ def choose_targets(runs: pd.DataFrame, n: int = 5, loss: str = "train",
                    min_step: float = DEFAULT_MIN_STEP) -> list[float]:
   """Targets spread over the loss range that >= `min_batch_sizes` batch sizes reach reliably.
 
-  A loss L is usable for a model size when enough batch sizes reach it after `min_step`. The
-  targets are spaced evenly in log L over the lower half of the usable range: the upper half is
-  early training (warmup, initial transient), where S(B) = S_min + E_min/B describes the data
-  least well.
+  A loss L is usable for a model size when enough batch sizes reach it after `min_step`, and
+  not below their runs' stop targets (steps_to_targets does not count a target below a run's own
+  stop target). The targets are spaced evenly in log L over the lower half of the usable range:
+  the upper half is early training (warmup, initial transient), where S(B) = S_min + E_min/B
+  describes the data least well.
   """
   step_col, loss_col = LOSS_COLUMNS[loss]
-  rows = []  # per (model size, batch size): highest reliable target, lowest loss reached
+  check_comparable(runs)
+  rows = []  # per (model size, batch size): highest reliable target, lowest countable loss
   for (n_params, _), group in runs.groupby(["n_params", "batch_tokens"]):
     hi, lo = -np.inf, np.inf
     for _, run in group.iterrows():
       s, env = envelope(run[step_col], run[loss_col], window)
       later = env[s >= min_step]
+      stop_target = _as_float(run.get("target_loss", np.nan))
       if len(later) >= 2:
-        hi, lo = max(hi, later[0]), min(lo, later[-1])
+        lowest = max(later[-1], stop_target) if np.isfinite(stop_target) else later[-1]
+        hi, lo = max(hi, later[0]), min(lo, lowest)
     if np.isfinite(hi) and lo < hi:
       rows.append((n_params, hi, lo))
   if not rows:
