@@ -1,14 +1,14 @@
 """One lock file per sweep point, so two launchers sharing a sweep never run a point twice.
 
 A lock is created atomically with O_CREAT|O_EXCL and holds the launcher's pid, the
-trainer child's pid, each pid's start time (/proc/PID/stat field 22, on Linux), the host and
-the time. It is stale when it was written on this host and none of its pids is alive, where
-a pid whose start time differs from the recorded one has been reused by another process
-and counts as dead (a crashed launcher's pid reused later never holds its lock); a stale lock is broken under a short-lived '.break' lock so
-two launchers cannot both break it and both win. Locks need a POSIX file system (local
-disk or NFS). GCS has no O_EXCL, so for a gs:// sweep the locks live on a local or NFS
-path (`--lock_dir`); launchers on different machines must share that path to see each
-other's locks.
+trainer child's pid, each pid's start time (/proc/PID/stat field 22, on Linux), the host
+and the time. It is stale when it was written on this host and none of its pids is alive;
+a pid whose start time differs from the recorded one was reused by another process and
+counts as dead, so a crashed launcher's lock does not live on in an unrelated process. A
+stale lock is broken under a short-lived '.break' lock so two launchers cannot both break
+it and both win. Locks need a POSIX file system (local disk or NFS). GCS has no O_EXCL,
+so for a gs:// sweep the locks live on a local or NFS path (`--lock_dir`); launchers on
+different machines must share that path to see each other's locks.
 """
 
 from __future__ import annotations

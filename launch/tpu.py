@@ -68,40 +68,42 @@ _TAR_EXCLUDE = {".git", ".venv", "runs", "__pycache__", "build", ".pytest_cache"
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   """Defines this binary's flags (only when run as one, so the module imports cleanly)."""
-  flags.DEFINE_string("config", None, "Scan config file defining sweep().", required=True)
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("config", None, "Scan config file defining sweep().", required=True, **fv)
   flags.DEFINE_string("workdir", None, "Sweep dir: gs://BUCKET/PATH (workers write it).",
-                      required=True)
-  flags.DEFINE_string("zone", None, "TPU zone, e.g. us-central2-b.", required=True)
-  flags.DEFINE_string("accelerator_type", "v4-8", "e.g. v4-8, v5litepod-16, v5p-128.")
-  flags.DEFINE_string("runtime_version", "", "TPU VM image; default per generation.")
-  flags.DEFINE_string("project", "", "GCP project; default: gcloud's configured one.")
+                      required=True, **fv)
+  flags.DEFINE_string("zone", None, "TPU zone, e.g. us-central2-b.", required=True, **fv)
+  flags.DEFINE_string("accelerator_type", "v4-8", "e.g. v4-8, v5litepod-16, v5p-128.", **fv)
+  flags.DEFINE_string("runtime_version", "", "TPU VM image; default per generation.", **fv)
+  flags.DEFINE_string("project", "", "GCP project; default: gcloud's configured one.", **fv)
   flags.DEFINE_enum("provisioning", "on_demand", list(PROVISIONING),
-                                    "Queued resource type (--spot/--reserved/--best_effort).")
-  flags.DEFINE_boolean("spot", False, "Shorthand for --provisioning=spot.")
-  flags.DEFINE_boolean("reserved", False, "Shorthand for --provisioning=reserved.")
-  flags.DEFINE_boolean("best_effort", False, "Shorthand: --provisioning=best_effort.")
-  flags.DEFINE_integer("points_per_slice", 1, "Points run one after another per slice.")
-  flags.DEFINE_string("name_prefix", "", "Slice name prefix; default from --workdir.")
-  flags.DEFINE_string("tpu_name", "", "Use this existing TPU VM; create nothing.")
+                    "Queued resource type (--spot/--reserved/--best_effort).", **fv)
+  flags.DEFINE_boolean("spot", False, "Shorthand for --provisioning=spot.", **fv)
+  flags.DEFINE_boolean("reserved", False, "Shorthand for --provisioning=reserved.", **fv)
+  flags.DEFINE_boolean("best_effort", False, "Shorthand: --provisioning=best_effort.", **fv)
+  flags.DEFINE_integer("points_per_slice", 1, "Points run one after another per slice.", **fv)
+  flags.DEFINE_string("name_prefix", "", "Slice name prefix; default from --workdir.", **fv)
+  flags.DEFINE_string("tpu_name", "", "Use this existing TPU VM; create nothing.", **fv)
   flags.DEFINE_string(
       "package", ".", "What workers pip install: a pip requirement (git URL) or a local "
-      ".tar.gz/.whl/source dir (copied with tpu-vm scp).")
-  flags.DEFINE_list("pip_extra", ["jax[tpu]", "gcsfs"], "Also pip installed.")
+      ".tar.gz/.whl/source dir (copied with tpu-vm scp).", **fv)
+  flags.DEFINE_list("pip_extra", ["jax[tpu]", "gcsfs"], "Also pip installed.", **fv)
   flags.DEFINE_string(
       "remote_python", "", "Python (>= 3.11) on the workers; empty: the --remote_venv venv's, "
-      "made with uv on first setup. E.g. /usr/bin/python3.11 uses that and makes no venv.")
+      "made with uv on first setup. E.g. /usr/bin/python3.11 uses that and makes no venv.", **fv)
   flags.DEFINE_string("remote_venv", "bscan-venv",
-                      "Worker venv dir (relative to home) used when --remote_python is empty.")
-  flags.DEFINE_string("remote_python_version", "3.11", "Python version of that venv.")
-  flags.DEFINE_string("remote_dir", "bscan_run", "Worker dir (relative to home).")
-  flags.DEFINE_string("trainer", "experiments.train", "Trainer module (python -m).")
-  flags.DEFINE_boolean("detach", True, "Start points in the background (nohup).")
-  flags.DEFINE_float("wait_timeout_s", 3600.0, "How long `run` waits for ACTIVE slices.")
-  flags.DEFINE_float("poll_s", 30.0, "Seconds between queued-resource state polls.")
-  flags.DEFINE_string("gcloud", "gcloud", "gcloud binary.")
-  flags.DEFINE_boolean("dry_run", False, "Print the commands; run nothing.")
+                      "Worker venv dir (relative to home) used when --remote_python is empty.",
+                      **fv)
+  flags.DEFINE_string("remote_python_version", "3.11", "Python version of that venv.", **fv)
+  flags.DEFINE_string("remote_dir", "bscan_run", "Worker dir (relative to home).", **fv)
+  flags.DEFINE_string("trainer", "experiments.train", "Trainer module (python -m).", **fv)
+  flags.DEFINE_boolean("detach", True, "Start points in the background (nohup).", **fv)
+  flags.DEFINE_float("wait_timeout_s", 3600.0, "How long `run` waits for ACTIVE slices.", **fv)
+  flags.DEFINE_float("poll_s", 30.0, "Seconds between queued-resource state polls.", **fv)
+  flags.DEFINE_string("gcloud", "gcloud", "gcloud binary.", **fv)
+  flags.DEFINE_boolean("dry_run", False, "Print the commands; run nothing.", **fv)
 
 
 class CommandError(RuntimeError):
@@ -165,8 +167,8 @@ def install_command(python: str, requirements: Sequence[str]) -> str:
   """Remote line that checks python is new enough, then pip installs requirements with it."""
   py = shlex.split(python)
   need = ".".join(map(str, MIN_PYTHON))
-  check = (f"import sys; sys.exit(sys.version_info < {MIN_PYTHON!r} and 'bscan needs Python >= "
-           f"{need} on the workers (see --remote_python); got ' + sys.version.split()[0])")
+  check = (f'import sys; sys.exit(sys.version_info < {MIN_PYTHON!r} and "bscan needs Python >= '
+           f'{need} on the workers (see --remote_python); got " + sys.version.split()[0])')
   return (f"{sh_join([*py, '-c', check])} && "
           f"{sh_join([*py, '-m', 'pip', 'install', '-q', *requirements])}")
 

@@ -79,3 +79,35 @@ def test_fit_targets_skips_targets_with_too_few_batch_sizes():
   assert table["target"].tolist() == [2.0]
   assert table["b_crit"].iloc[0] == pytest.approx(2e4, rel=1e-6)
   assert table["batch_sizes"].iloc[0].split()[0] == "1024"
+
+
+def test_significantly_negative_s_min_has_no_positive_b_crit():
+  """S falls faster than E_min/B (S_min = -200): no positive B_crit fits; was inf, (0.0, 0.0)."""
+  rng = np.random.default_rng(3)
+  steps = (-200.0 + 8e6 / BATCHES) * np.exp(0.01 * rng.standard_normal(6))
+  res = fit.fit_critical_batch(BATCHES, steps)
+  assert res.s_min_ci[1] < 0  # significantly negative
+  assert np.isnan(res.b_crit_ci[0]) and np.isnan(res.b_crit_ci[1])
+  assert res.b_crit_flag == "no_positive_b_crit"
+  rows = [{"size": "3m", "n_params": 3e6, "target": 2.0, "batch_tokens": b, "steps": s}
+          for b, s in zip(BATCHES, steps)]
+  with pytest.warns(fit.FitWarning, match="no positive B_crit"):
+    table = fit.fit_targets(pd.DataFrame(rows))
+  assert table["b_crit_flag"].tolist() == ["no_positive_b_crit"]
+  assert table[["b_crit_lo", "b_crit_hi"]].isna().all(axis=None)
+
+
+def test_fieller_sets_are_reported_whole():
+  t = 2.0
+  # Denominator not significant, both roots positive: the set is (0, 0.255] U [0.785, inf).
+  interval, flag = fit._fieller(1.0, 1.0, v_aa=0.5, v_bb=0.3, v_ab=0.38, t=t)
+  assert interval == (0.0, np.inf) and flag == "unbounded"  # was (0.785, inf)
+  # Denominator not significant, one positive root: [r2, inf).
+  interval, flag = fit._fieller(1.0, 10.0, v_aa=0.5, v_bb=1.0, v_ab=0.0, t=t)
+  assert interval == pytest.approx((4.0, np.inf)) and flag == "unbounded"
+  # Denominator significant, ratio significantly negative: empty positive part.
+  interval, flag = fit._fieller(-10.0, 10.0, v_aa=1.0, v_bb=1.0, v_ab=0.0, t=t)
+  assert np.isnan(interval).all() and flag == "no_positive_b_crit"
+  # Bounded: b/a = 2 with small errors.
+  interval, flag = fit._fieller(10.0, 20.0, v_aa=0.01, v_bb=0.01, v_ab=0.0, t=t)
+  assert interval[0] < 2.0 < interval[1] < 2.1 and flag == ""

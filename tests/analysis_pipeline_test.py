@@ -76,3 +76,12 @@ def test_no_runs_is_an_error(tmp_path):
 def test_import_does_not_pull_in_jax():
   code = "import sys, bscan.analysis; assert 'jax' not in sys.modules, 'jax imported'"
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_min_step_and_window_reach_the_noise_cloud_and_summary():
+  runs = synthetic.simulate_runs(synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2]))
+  result = pipeline.analyze(runs, targets=[1.8, 2.0], min_step=200.0, window=0.05)
+  assert result.cloud["step"].min() >= 200  # was 10: the cloud ignored min_step
+  assert len(result.cloud) > 100
+  summary = result.summary()
+  assert summary["min_step"] == 200.0 and summary["window"] == 0.05

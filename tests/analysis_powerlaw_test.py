@@ -48,3 +48,25 @@ def test_per_size_and_pooled():
 def test_too_few_points():
   with pytest.raises(ValueError, match=">= 2 distinct losses"):
     powerlaw.fit_power_law([2.0], [1e4])
+
+
+def test_b_crit_growing_with_loss_gives_negative_alpha_and_a_flag():
+  """Was alpha_B = inf and 'L^--2.00'."""
+  rng = np.random.default_rng(1)
+  b = 1e3 * LOSSES ** 2.0 * np.exp(0.01 * rng.standard_normal(6))
+  fit = powerlaw.fit_power_law(LOSSES, b, np.full(6, 0.01))
+  assert fit.exponent == pytest.approx(-2.0, abs=0.1)
+  assert fit.alpha_b == pytest.approx(1 / fit.exponent) and fit.alpha_b < 0
+  assert fit.alpha_b_ci[0] <= fit.alpha_b <= fit.alpha_b_ci[1] < 0
+  assert fit.kaplan_form() == f"1.0e3 tokens · L^{-fit.exponent:.2f}"
+  assert "--" not in fit.kaplan_form() and "increases with L" in fit.flag
+  assert fit.as_dict()["flag"] == fit.flag
+  assert powerlaw.fit_power_law(LOSSES, 2.1e8 * LOSSES ** -4.8, np.full(6, 0.1)).flag == ""
+
+
+def test_figure_legend_sign():
+  from bscan.analysis import figures
+  up = powerlaw.fit_power_law(LOSSES, 1e3 * LOSSES ** 2.0, np.full(6, 0.01))
+  assert figures.mathtext_form(up).endswith("$L^{2.00}$")  # was L^{--2.00}
+  down = powerlaw.fit_power_law(LOSSES, 2.1e8 * LOSSES ** -4.8, np.full(6, 0.1))
+  assert figures.mathtext_form(down).endswith("$L^{-4.80}$")

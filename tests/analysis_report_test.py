@@ -51,3 +51,17 @@ def test_cli_fails_cleanly_without_runs(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "bscan.analysis", f"--workdir={tmp_path}",
                          f"--out={tmp_path / 'out'}"], capture_output=True, text=True)
   assert proc.returncode != 0 and "error: no runs found" in proc.stderr
+
+
+def test_csv_columns_are_documented(tmp_path):
+  import matplotlib
+  matplotlib.use("Agg")
+  from bscan.analysis import fit, pipeline, report
+  result = pipeline.analyze(synthetic.simulate_runs(synthetic.DEMO_SCAN), targets=[1.8, 2.0])
+  report.write_report(result, tmp_path)
+  columns = pd.read_csv(tmp_path / "critical_batch.csv").columns.tolist()
+  assert columns == list(fit.FIT_COLUMNS)
+  documented = report.__doc__.split("critical_batch.csv columns")[1]
+  for column in columns:
+    assert f"{column}:" in documented, column
+  assert "tokens" in documented

@@ -186,3 +186,16 @@ def test_runs_of_different_data_in_one_size_are_not_pooled(field, other):
   other_size = runs.assign(size="3m-owt", n_params=runs["n_params"] + 1)
   ok = pd.concat([runs.iloc[1:], other_size.iloc[:1]], ignore_index=True)
   assert len(targets.steps_to_targets(ok, [2.0])) == 3  # different sizes may differ
+
+
+def test_skewed_noise_is_not_trimmed():
+  """Small-batch losses are right-skewed; a median or downweighting would sit below the mean."""
+  rng = np.random.default_rng(4)
+  step = np.arange(1, 3001, dtype=float)
+  noise = 0.25 * (rng.gamma(16.0, size=len(step)) - 16.0) / 4.0  # skewness 0.5, s.d. 0.25
+  loss = _power(step) + noise
+  robust = targets.smooth_log_window(step, loss)
+  np.testing.assert_array_equal(robust, targets.smooth_log_window(step, loss, robust=False))
+  loss[1000] += 3.0  # ... while a real outlier is dropped
+  np.testing.assert_allclose(targets.smooth_log_window(step, loss)[[950, 1000, 1050]],
+                             robust[[950, 1000, 1050]], atol=2e-3)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
+from absl import flags
 
 import goldens
 
@@ -253,10 +254,10 @@ def test_cli_exits_nonzero_after_reporting_all_failures(monkeypatch, capsys):
   monkeypatch.setattr(tpu.workdirs, "read_status", lambda w: None)
   monkeypatch.setattr(tpu.sweep_lib, "write_sweep_json", lambda *a: "")
   monkeypatch.setattr(tpu.shutil, "which", lambda g: g)
-  from absl import flags as absl_flags
-  if "zone" not in absl_flags.FLAGS:
-    tpu.define_flags()
-  absl_flags.FLAGS([sys.argv[0], *[f.replace(FIXTURE, os.path.join(REPO, FIXTURE)) for f in FLAGS]])
+  flag_values = flags.FlagValues()  # not absl's global FLAGS, which other tests' binaries use
+  tpu.define_flags(flag_values)
+  flag_values(["tpu", *[f.replace(FIXTURE, os.path.join(REPO, FIXTURE)) for f in FLAGS]])
+  monkeypatch.setattr(tpu, "FLAGS", flag_values)
   with pytest.raises(SystemExit) as exit_info:
     tpu.main(["tpu", "up"])
   assert exit_info.value.code == 1

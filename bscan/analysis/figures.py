@@ -45,7 +45,7 @@ def fmt_tokens(b: float) -> str:
 def mathtext_form(fit: powerlaw.PowerLawFit) -> str:
   """'3.2×10^5 tokens · L^-4.00' in matplotlib mathtext."""
   mantissa, exp10 = f"{fit.b_star:.1e}".split("e")
-  return rf"${mantissa}{{\times}}10^{{{int(exp10)}}}$ tokens · $L^{{-{fit.exponent:.2f}}}$"
+  return rf"${mantissa}{{\times}}10^{{{int(exp10)}}}$ tokens · $L^{{{-fit.exponent:.2f}}}$"
 
 
 def size_label(analysis: pipeline.Analysis, size: str) -> str:

@@ -12,7 +12,9 @@ log-space fit is weighted least squares with weights 1/S_hat^2 at convergence (G
 below); standard errors come from the WLS covariance scaled by the residual variance, with
 t-quantiles on n-2 degrees of freedom. B_crit is a ratio of the two coefficients: its interval is
 Fieller's (exact under the linear model, and unbounded above when S_min is not significantly
-positive, i.e. when no batch size in the scan is large enough to show saturation). A plain
+positive, i.e. when no batch size in the scan is large enough to show saturation: flag
+"unbounded"; empty, reported as (NaN, NaN) with flag "no_positive_b_crit", when S_min is
+significantly negative, i.e. S(B) falls faster than 1/B and the model does not hold). A plain
 percentile bootstrap covered a nominal 95% only ~89% of the time at 6 batch sizes; this
 interval's coverage is measured in tests/analysis_fit_test.py.
 """
@@ -47,6 +49,7 @@ class CriticalBatchFit:
   s_min_se: float
   e_min_se: float
   log_b_crit_se: float  # delta-method s.e. of log(B_crit); nan when S_min or E_min <= 0
+  b_crit_flag: str  # "" | "unbounded" (b_crit_ci reaches inf) | "no_positive_b_crit" (nan, nan)
   sigma: float  # residual s.d. of log S (relative scatter of steps around the fit)
   confidence: float
   n_points: int
@@ -99,22 +102,42 @@ def _gauss_newton_log(x: np.ndarray, s: np.ndarray, iters: int = 50
   return theta, design @ theta
 
 
-def _fieller(a: float, b: float, v_aa: float, v_bb: float, v_ab: float, t: float) -> Interval:
-  """Fieller interval for b/a, restricted to positive values (B_crit > 0)."""
+NO_POSITIVE = "no_positive_b_crit"  # b_crit_flag: the confidence set has no positive part
+UNBOUNDED = "unbounded"  # b_crit_flag: the confidence set reaches B_crit = inf
+
+
+def _fieller(a: float, b: float, v_aa: float, v_bb: float, v_ab: float, t: float
+             ) -> tuple[Interval, str]:
+  """Fieller confidence set for b/a, restricted to positive values (B_crit > 0), and a flag.
+
+  The set is {r: (b - r a)^2 <= t^2 Var(b - r a)}, i.e. qa r^2 - 2 qb r + qc <= 0. Its positive
+  part is returned as one interval: (nan, nan) with flag NO_POSITIVE when it is empty (S_min or
+  E_min significantly negative); an upper end of inf with flag UNBOUNDED when it is unbounded,
+  including (0, r1] U [r2, inf), reported as (0, inf); else a bounded interval, flag "".
+  """
+  empty = ((np.nan, np.nan), NO_POSITIVE)
   qa = a * a - t * t * v_aa
   qb = a * b - t * t * v_ab
   qc = b * b - t * t * v_bb
   disc = qb * qb - qa * qc
-  if qa > 0:  # a significantly non-zero: a bounded interval around b/a
+  if qa > 0:  # a significantly non-zero: a bounded interval [r1, r2] around b/a
     root = np.sqrt(max(disc, 0.0))
     lo, hi = (qb - root) / qa, (qb + root) / qa
-    return max(lo, 0.0), hi if hi > 0 else 0.0
-  # a not significantly non-zero: the set is unbounded; keep its positive part.
+    return ((max(lo, 0.0), hi), "") if hi > 0 else empty
+  if qa == 0:  # the quadratic degenerates to -2 qb r + qc <= 0
+    if qb > 0:
+      return (max(qc / (2 * qb), 0.0), np.inf), UNBOUNDED
+    if qb < 0:
+      return ((0.0, qc / (2 * qb)), "") if qc / (2 * qb) > 0 else empty
+    return ((0.0, np.inf), UNBOUNDED) if qc <= 0 else empty
+  # a not significantly non-zero: the set is the real line, or (-inf, r1] U [r2, inf).
   if disc <= 0:
-    return 0.0, np.inf
+    return (0.0, np.inf), UNBOUNDED
   root = np.sqrt(disc)
-  _, r2 = sorted(((qb - root) / qa, (qb + root) / qa))
-  return max(r2, 0.0), np.inf
+  r1, r2 = sorted(((qb - root) / qa, (qb + root) / qa))
+  if r1 > 0:  # (0, r1] U [r2, inf): one interval cannot say it better than (0, inf)
+    return (0.0, np.inf), UNBOUNDED
+  return (max(r2, 0.0), np.inf), UNBOUNDED
 
 
 def fit_critical_batch(batch_sizes: Sequence[float] | np.ndarray,
@@ -164,12 +187,13 @@ def fit_critical_batch(batch_sizes: Sequence[float] | np.ndarray,
   else:  # no saturation (S_min <= 0) or no data term: B_crit is not identified from this scan
     b_crit = np.inf if a <= 0 < e else np.nan
     log_se = np.nan
+  b_crit_ci, flag = _fieller(a, e, v_aa, v_bb, v_ab, t)
   return CriticalBatchFit(
       s_min=a, e_min=e, b_crit=b_crit,
       s_min_ci=(a - t * se_a, a + t * se_a),
       e_min_ci=(e - t * se_e, e + t * se_e),
-      b_crit_ci=_fieller(a, e, v_aa, v_bb, v_ab, t),
-      s_min_se=float(se_a), e_min_se=float(se_e), log_b_crit_se=log_se,
+      b_crit_ci=b_crit_ci, s_min_se=float(se_a), e_min_se=float(se_e), log_b_crit_se=log_se,
+      b_crit_flag=flag,
       sigma=float(np.sqrt(sigma2)), confidence=confidence, n_points=n, n_batch_sizes=n_b,
       batch_sizes=b, steps=s)
 
@@ -188,13 +212,15 @@ class FitWarning(UserWarning):
 
 FIT_COLUMNS = ("size", "n_params", "target", "n_batch_sizes", "n_points", "s_min", "s_min_lo",
                "s_min_hi", "e_min", "e_min_lo", "e_min_hi", "b_crit", "b_crit_lo", "b_crit_hi",
-               "log_b_crit_se", "sigma_log_steps", "batch_sizes")
+               "log_b_crit_se", "sigma_log_steps", "b_crit_flag", "batch_sizes")
 
 
 def fit_targets(best: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
   """S/E fit per (model size, target) from best steps (targets.best_steps); batches in tokens.
 
-  Targets that fewer than three batch sizes reach are left out with a FitWarning.
+  Targets that fewer than three batch sizes reach are left out with a FitWarning; a fit whose
+  B_crit confidence set has no positive part (b_crit_flag "no_positive_b_crit") is kept, with
+  b_crit_lo = b_crit_hi = NaN, and warned about.
   """
   rows = []
   for (n_params, target), group in best.groupby(["n_params", "target"], sort=True):
@@ -204,6 +230,11 @@ def fit_targets(best: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     except TooFewBatchSizesError as e:
       warnings.warn(f"size {size}, target {target:g}: not fitted: {e}", FitWarning, stacklevel=2)
       continue
+    if fit.b_crit_flag == NO_POSITIVE:
+      warnings.warn(f"size {size}, target {target:g}: no positive B_crit in the "
+                    f"{confidence:.0%} confidence set (S_min = {fit.s_min:.3g} +- "
+                    f"{fit.s_min_se:.2g}, E_min = {fit.e_min:.3g} +- {fit.e_min_se:.2g}): S(B) "
+                    "does not follow S_min + E_min/B here", FitWarning, stacklevel=2)
     rows.append({
         "size": size, "n_params": n_params, "target": target,
         "n_batch_sizes": fit.n_batch_sizes, "n_points": fit.n_points,
@@ -211,7 +242,8 @@ def fit_targets(best: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
         "e_min": fit.e_min, "e_min_lo": fit.e_min_ci[0], "e_min_hi": fit.e_min_ci[1],
         "b_crit": fit.b_crit, "b_crit_lo": fit.b_crit_ci[0], "b_crit_hi": fit.b_crit_ci[1],
         "log_b_crit_se": fit.log_b_crit_se, "sigma_log_steps": fit.sigma,
+        "b_crit_flag": fit.b_crit_flag,
         "batch_sizes": " ".join(f"{b:g}" for b in np.unique(fit.batch_sizes))})
   table = pd.DataFrame(rows, columns=list(FIT_COLUMNS))
-  numeric = [c for c in FIT_COLUMNS if c not in ("size", "batch_sizes")]
+  numeric = [c for c in FIT_COLUMNS if c not in ("size", "b_crit_flag", "batch_sizes")]
   return table.astype({c: float for c in numeric})  # float even when empty

@@ -12,7 +12,8 @@ CLOUD_COLUMNS = ("size", "n_params", "batch_tokens", "learning_rate", "step", "t
 
 
 def noise_scale_cloud(runs: pd.DataFrame, window: float = targets_lib.DEFAULT_WINDOW,
-                      max_points_per_run: int = 60, min_step: float = 10.0) -> pd.DataFrame:
+                      max_points_per_run: int = 60,
+                      min_step: float = targets_lib.DEFAULT_MIN_STEP) -> pd.DataFrame:
   """B_simple (and B_noise when logged) against the smoothed train loss at the same step.
 
   The loss is the smoothed curve of targets.py (the same one the steps-to-target use), so a

@@ -38,6 +38,7 @@ class Analysis:
     return {
         "loss": self.loss, "confidence": self.confidence, "targets": self.targets,
         "targets_source": self.targets_source, "batch_unit": "tokens", "loss_unit": "nats/token",
+        "window": self.window, "min_step": self.min_step,
         "n_runs": int(len(self.runs)),
         "runs_by_status": {str(k): int(v) for k, v in
                            self.runs["status"].value_counts().items()} if len(self.runs) else {},
@@ -81,5 +82,6 @@ def analyze(workdirs: load.PathLike | Sequence[load.PathLike] | pd.DataFrame,
       runs=runs, targets=targets, targets_source=source, loss=loss, per_run_steps=per_run,
       best_steps=best, critical=critical,
       power_laws=powerlaw.fit_power_laws(critical, confidence),
-      cloud=noise.noise_scale_cloud(runs, window), confidence=confidence, window=window,
+      cloud=noise.noise_scale_cloud(runs, window, min_step=min_step), confidence=confidence,
+      window=window,
       min_step=min_step)

@@ -39,6 +39,7 @@ class PowerLawFit:
   loss_range: Interval
   log_cov: tuple[tuple[float, float], tuple[float, float]]  # covariance of (log B*, -exponent)
   quantile: float  # t (or normal) quantile used for the intervals
+  flag: str = ""  # why the fit does not read as a Kaplan-like decrease of B_crit with L, if so
 
   def predict(self, loss: np.ndarray | float) -> np.ndarray:
     """Fitted B_crit at loss L."""
@@ -53,9 +54,9 @@ class PowerLawFit:
     return centre * np.exp(-half), centre * np.exp(half)
 
   def kaplan_form(self, unit: str = "tokens") -> str:
-    """The fit written like Kaplan's legend, e.g. '2.1e8 tokens · L^-4.8'."""
+    """The fit written like Kaplan's legend, e.g. '2.1e8 tokens · L^-4.80' (or 'L^1.20')."""
     mantissa, exp10 = f"{self.b_star:.1e}".split("e")
-    return f"{mantissa}e{int(exp10)} {unit} · L^-{self.exponent:.2f}"
+    return f"{mantissa}e{int(exp10)} {unit} · L^{-self.exponent:.2f}"
 
   def as_dict(self) -> dict:
     """JSON-friendly summary (intervals as [lo, hi])."""
@@ -91,19 +92,31 @@ def fit_power_law(losses: Sequence[float] | np.ndarray, b_crit: Sequence[float] 
     q = float(stats.norm.ppf(0.5 + confidence / 2))
   intercept, slope = float(coef[0]), float(coef[1])
   se_c, se_s = math.sqrt(cov[0, 0]), math.sqrt(cov[1, 1])
-  x_lo, x_hi = -slope - q * se_s, -slope + q * se_s  # exponent = -slope = 1/alpha_B
-  alpha_ci = (1.0 / x_hi if x_hi > 0 else math.inf, 1.0 / x_lo if x_lo > 0 else math.inf)
-  if x_hi <= 0:
-    alpha_ci = (-math.inf, math.inf)  # slope not significantly negative: alpha_B unbounded
+  exponent = -slope  # = 1/alpha_B
+  x_lo, x_hi = exponent - q * se_s, exponent + q * se_s
+  # alpha_B = 1/x over x in [x_lo, x_hi]. When that interval holds 0 the set is
+  # (-inf, 1/x_lo] U [1/x_hi, inf): report the branch holding the estimate, open at its end.
+  if x_lo > 0 or x_hi < 0:
+    alpha_ci = (1.0 / x_hi, 1.0 / x_lo)
+  elif exponent >= 0:
+    alpha_ci = (1.0 / x_hi if x_hi > 0 else -math.inf, math.inf)
+  else:
+    alpha_ci = (-math.inf, 1.0 / x_lo if x_lo < 0 else math.inf)
+  flag = ""
+  if exponent < 0:
+    flag = ("B_crit increases with L (exponent < 0, alpha_B < 0): not the decrease of Kaplan "
+            "et al.; check the targets' fits")
+  elif x_lo <= 0:
+    flag = "exponent not significantly positive: alpha_B unbounded above"
   return PowerLawFit(
       b_star=math.exp(intercept),
       b_star_ci=(math.exp(intercept - q * se_c), math.exp(intercept + q * se_c)),
-      alpha_b=1.0 / -slope if slope < 0 else math.inf, alpha_b_ci=alpha_ci,
-      exponent=-slope, exponent_ci=(x_lo, x_hi), exponent_se=se_s, log_b_star_se=se_c,
+      alpha_b=1.0 / exponent if exponent != 0 else math.inf, alpha_b_ci=alpha_ci,
+      exponent=exponent, exponent_ci=(x_lo, x_hi), exponent_se=se_s, log_b_star_se=se_c,
       confidence=confidence, n_points=n,
       loss_range=(float(np.exp(x.min())), float(np.exp(x.max()))),
       log_cov=((float(cov[0, 0]), float(cov[0, 1])), (float(cov[1, 0]), float(cov[1, 1]))),
-      quantile=q)
+      quantile=q, flag=flag)
 
 
 def fit_power_laws(critical: pd.DataFrame, confidence: float = 0.95) -> dict[str, PowerLawFit]:
@@ -133,5 +146,5 @@ def power_law_table(fits: dict[str, PowerLawFit]) -> pd.DataFrame:
                  "alpha_b": f.alpha_b, "alpha_b_lo": f.alpha_b_ci[0],
                  "alpha_b_hi": f.alpha_b_ci[1], "exponent": f.exponent,
                  "exponent_lo": f.exponent_ci[0], "exponent_hi": f.exponent_ci[1],
-                 "n_points": f.n_points})
+                 "n_points": f.n_points, "flag": f.flag})
   return pd.DataFrame(rows)
