@@ -15,7 +15,9 @@ from experiments.configs import base
 
 SIZES = ("25k", "98k")
 BATCHES = (2, 4, 8, 16, 32, 64)  # sequences of 128 bytes: 256 .. 8192 tokens
-TARGETS = {"25k": (2.7, 2.6, 2.5, 2.4, 2.3, 2.2), "98k": (2.6, 2.5, 2.4, 2.3, 2.2, 2.1)}
+# Targets start below 2.7 nats/byte: batch 2 is still warming up (50k tokens = 195 steps) when
+# it reaches 2.7, which inflates its steps there and with them E_min and B_crit.
+TARGETS = {"25k": (2.6, 2.5, 2.4, 2.3, 2.2), "98k": (2.6, 2.5, 2.4, 2.3, 2.2, 2.1, 2.0)}
 CAP_TOKENS = 6_000_000
 
 
