@@ -98,6 +98,7 @@ def plot_batch_scan(analysis: pipeline.Analysis, sizes: Sequence[str] | None = N
   if n_hyperbolas and len(targets) > n_hyperbolas:
     targets = [targets[int(round(i))] for i in np.linspace(0, len(targets) - 1, n_hyperbolas)]
   span = max(targets) - min(targets) if len(targets) > 1 else 0.5
+  decimals = max(len(f"{t:g}".partition(".")[2]) for t in targets)
   norm = colors.Normalize(min(targets) - 0.25 * span, max(targets) + 0.75 * span)
   cmap = plt.get_cmap(CMAP)
   ncols = min(ncols, len(sizes))
@@ -153,7 +154,7 @@ def plot_batch_scan(analysis: pipeline.Analysis, sizes: Sequence[str] | None = N
         ax.plot(s_fit[inside], e_fit[inside], color="black", lw=1.0, ls="--", zorder=3)
         if inside.any():  # label the low-batch end (largest S still inside the axes)
           k = np.nonzero(inside)[0][0]
-          ax.annotate(f"L={target:g}", (s_fit[k], e_fit[k]), xytext=(2, -2),
+          ax.annotate(f"L={target:.{decimals}f}", (s_fit[k], e_fit[k]), xytext=(2, -2),
                       textcoords="offset points", fontsize=7, ha="left", va="top")
       ax.set_xlabel("step")
       ax.set_ylabel("tokens processed")
