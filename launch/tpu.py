@@ -50,6 +50,7 @@ from absl import app
 from absl import flags
 
 from bscan import sweep as sweep_lib
+from launch import remote
 from launch import workdirs
 
 ACTIONS = ("create", "run", "up", "status", "delete")
@@ -62,7 +63,6 @@ PROVISIONING = {"on_demand": [], "spot": ["--spot"], "reserved": ["--reserved"],
                 "best_effort": ["--best-effort"]}
 ALPHA_PROVISIONING = {"best_effort"}  # flags only `gcloud alpha ... queued-resources create` has
 BAD_STATES = ("FAILED", "SUSPENDED", "SUSPENDING", "DELETING")
-MIN_PYTHON = (3, 11)  # what bscan's jax/flax pins need on the workers
 _TAR_EXCLUDE = {".git", ".venv", "runs", "__pycache__", "build", ".pytest_cache", "data"}
 
 FLAGS = flags.FLAGS
@@ -142,59 +142,6 @@ def default_prefix(sweep_dir: str) -> str:
   base = re.sub(r"[^a-z0-9]+", "-", os.path.basename(sweep_dir.rstrip("/")).lower()).strip("-")
   digest = hashlib.sha256(sweep_dir.rstrip("/").encode()).hexdigest()[:6]
   return f"bscan-{base[:30]}-{digest}".replace("--", "-")
-
-
-def sh_quote(word: str) -> str:
-  """shlex.quote, except that a leading '~/' stays unquoted so the shell expands it."""
-  if word.startswith("~/") and len(word) > 2:
-    return "~/" + shlex.quote(word[2:])
-  return shlex.quote(word)
-
-
-def sh_join(words: Sequence[str]) -> str:
-  """shlex.join with sh_quote: '~/x' words are the worker's home."""
-  return " ".join(sh_quote(w) for w in words)
-
-
-def venv_command(venv: str, version: str) -> str:
-  """Remote line that makes a Python `version` venv at `venv` with uv, unless it exists."""
-  python, uv = sh_quote(f"{venv}/bin/python"), "~/.local/bin/uv"
-  return (f"if ! test -x {python}; then {{ test -x {uv} || python3 -m pip install -q --user uv; }}"
-          f" && {uv} venv -q --seed --python {shlex.quote(version)} {sh_quote(venv)}; fi")
-
-
-def install_command(python: str, requirements: Sequence[str]) -> str:
-  """Remote line that checks python is new enough, then pip installs requirements with it."""
-  py = shlex.split(python)
-  need = ".".join(map(str, MIN_PYTHON))
-  check = (f'import sys; sys.exit(sys.version_info < {MIN_PYTHON!r} and "bscan needs Python >= '
-           f'{need} on the workers (see --remote_python); got " + sys.version.split()[0])')
-  return (f"{sh_join([*py, '-c', check])} && "
-          f"{sh_join([*py, '-m', 'pip', 'install', '-q', *requirements])}")
-
-
-def point_command(python: str, trainer: str, config: str, point: sweep_lib.ExpandedPoint
-                  ) -> list[str]:
-  """argv of one point's trainer run on every worker of a slice."""
-  return [*shlex.split(python), "-m", trainer, f"--config={config}:{point.arg}",
-          f"--workdir={point.workdir}", "--multihost=on"]
-
-
-def remote_start_command(commands: Sequence[Sequence[str]], remote_dir: str, name: str,
-                         detach: bool = True) -> str:
-  """The remote shell line that runs a slice's points in order, once, each arg quoted.
-
-  The shell takes the slice's flock on fd 9 and the (background) run inherits it, so the
-  lock is held until the points finish. It prints 'started NAME, log in ...' or, when the
-  lock is held, 'already-running NAME'. Words starting with '~/' are in the worker's home.
-  """
-  script = " ; ".join(sh_join(c) for c in commands)  # ';': a failed point never stops the rest
-  run = f"bash -c {shlex.quote(script)}"
-  if detach:
-    run = (f"nohup {run} >> {shlex.quote(name + '.log')} 2>&1 < /dev/null & "
-           f"echo started {shlex.quote(name)}, log in {shlex.quote(remote_dir + '/' + name)}.log")
-  return (f"cd {shlex.quote(remote_dir)} && exec 9>> {shlex.quote(name + '.lock')} && "
-          f"if flock -n 9; then {run}; else echo already-running {shlex.quote(name)}; fi")
 
 
 @dataclasses.dataclass
@@ -384,16 +331,16 @@ class TpuLauncher:
     if files:
       self._run(self._gcloud("tpu-vm", "scp", *files, f"{node}:{self.remote_dir}/",
                              "--worker=all", "--quiet"))
-    install = install_command(self.python, [requirement, *self.pip_extra])
+    install = remote.install_command(self.python, [requirement, *self.pip_extra])
     if self.venv:
-      install = f"{venv_command(self.venv, self.remote_python_version)} && {install}"
+      install = f"{remote.venv_command(self.venv, self.remote_python_version)} && {install}"
     self._run(self._ssh(node, install))
 
   def start(self, node: str, points: Sequence[sweep_lib.ExpandedPoint]) -> None:
     """Starts the slice's points on all workers (in the background unless --nodetach)."""
     config = "configs/" + os.path.basename(self.config)
-    commands = [point_command(self.python, self.trainer, config, p) for p in points]
-    argv = self._ssh(node, remote_start_command(commands, self.remote_dir, node, self.detach))
+    commands = [remote.point_command(self.python, self.trainer, config, p) for p in points]
+    argv = self._ssh(node, remote.remote_start_command(commands, self.remote_dir, node, self.detach))
     if not self.detach:  # the points' output streams here; so does an already-running line
       self._run(argv)
       return

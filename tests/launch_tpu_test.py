@@ -16,6 +16,7 @@ import goldens
 
 from bscan import sweep as sweep_lib
 from launch import locks
+from launch import remote
 from launch import tpu
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -137,8 +138,8 @@ def test_up_waits_for_active_then_installs_and_starts(monkeypatch, capsys):
   describe = ["queued-resources describe"]
   assert fake.verbs() == ((describe + ["queued-resources create"]) * 2 + describe * 4
                           + (describe + per_slice) * 2)
-  remote = [a for c in fake.calls for a in c if a.startswith("--command=")]
-  starts = [r for r in remote if "nohup" in r]
+  commands = [a for c in fake.calls for a in c if a.startswith("--command=")]
+  starts = [r for r in commands if "nohup" in r]
   assert len(starts) == 2 and starts[0].count("--multihost=on") == 3
   assert starts[1].count("--multihost=on") == 2
   assert all(r.count("~/bscan-venv/bin/python -m experiments.train") == r.count("--multihost")
@@ -175,13 +176,13 @@ def test_venv_and_version_check_run_in_a_shell(tmp_path):
                 f"ln -s {sys.executable} \"${{@: -1}}/bin/python\"\n")
   uv.chmod(0o755)
   env = {**os.environ, "HOME": str(home)}
-  line = tpu.venv_command("~/my venv", "3.11")
+  line = remote.venv_command("~/my venv", "3.11")
   for _ in range(2):
     subprocess.run(["bash", "-c", line], check=True, env=env, timeout=30)
   assert (tmp_path / "uv.log").read_text() == f"venv -q --seed --python 3.11 {home}/my venv\n"
-  check = tpu.install_command("~/'my venv'/bin/python", ["x"]).split(" && ")[0]
+  check = remote.install_command("~/'my venv'/bin/python", ["x"]).split(" && ")[0]
   assert subprocess.run(["bash", "-c", check], env=env, timeout=30).returncode == 0
-  monkey = tpu.install_command(sys.executable, ["x"]).split(" && ")[0].replace("(3, 11)", "(4, 0)")
+  monkey = remote.install_command(sys.executable, ["x"]).split(" && ")[0].replace("(3, 11)", "(4, 0)")
   result = subprocess.run(["bash", "-c", monkey], capture_output=True, text=True, timeout=30)
   assert result.returncode == 1 and "bscan needs Python >= 3.11" in result.stderr
 
@@ -291,12 +292,12 @@ def test_remote_command_passes_hostile_values_intact(tmp_path):
       points=[{"size": "3m", "note": f"a b'c\"d; touch {marker} $(touch {marker}) `x`"},
               {"size": "9m"}], targets=[3.0]), sweep_dir)
   python = shlex.join([sys.executable, str(dump)])
-  commands = [tpu.point_command(python, "experiments.train", "configs/c.py", p) for p in points]
+  commands = [remote.point_command(python, "experiments.train", "configs/c.py", p) for p in points]
   remote_dir = tmp_path / "remote dir"
   remote_dir.mkdir()
   for detach in (False, True):
     out.unlink(missing_ok=True)
-    line = tpu.remote_start_command(commands, str(remote_dir), "slice-0", detach=detach)
+    line = remote.remote_start_command(commands, str(remote_dir), "slice-0", detach=detach)
     subprocess.run(["bash", "-c", line], check=True, timeout=30)
     deadline = time.time() + 20
     while not (out.exists() and len(out.read_text().splitlines()) == 2):
@@ -316,7 +317,7 @@ def test_remote_start_says_already_running_while_the_slice_runs(tmp_path, detach
   waiter.write_text(f"#!/bin/bash\necho run >> {log}\nwhile [ ! -e {stop} ]; do sleep 0.05; done\n")
   waiter.chmod(0o755)
   env = {**os.environ, "HOME": str(home)}
-  line = tpu.remote_start_command([["~/bin/wait"]], "run dir", "s-0", detach=detach)
+  line = remote.remote_start_command([["~/bin/wait"]], "run dir", "s-0", detach=detach)
   start = lambda: subprocess.Popen(["bash", "-c", f"cd && {line}"], env=env, text=True,
                                    stdout=subprocess.PIPE)
   first = start()
