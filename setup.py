@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2",
     "tiktoken>=0.8",
     "tqdm>=4.66",
+    "packaging>=23",  # launch.tpu checks --package requirements locally
 ]
 
 EXTRAS_REQUIRE = {

@@ -6,16 +6,15 @@ from typing import Any
 
 import ml_collections
 
+from bscan import data as data_lib
 from bscan import model as model_lib
+from bscan import workdir as workdir_lib
+from bscan.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine", "linear")
 LR_RULES = ("fixed", "kaplan")
 BATCH_SCALINGS = ("none", "sqrt", "linear")
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-  """A config that cannot work; the message names the field and the fix."""
 
 
 def parse_arg(arg: str) -> dict[str, Any]:
@@ -82,7 +81,12 @@ def layout(cfg: ml_collections.ConfigDict, num_devices: int) -> Layout:
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError naming the field and the fix for a config that cannot work."""
+  """The one check of a config before anything is built: ConfigError naming field and fix."""
+  _validate_model_and_layout(cfg, num_devices)
+  data_lib.validate_data_config(cfg)
+
+
+def _validate_model_and_layout(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   if cfg.model.size not in model_lib.SIZES:
     raise ConfigError(f"model.size={cfg.model.size!r} is unknown; choose one of "
                       f"{sorted(model_lib.SIZES)}")
@@ -160,6 +164,9 @@ def _validate_budget(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"budget.smoothing_tokens={b.smoothing_tokens} must be positive")
   if b.overshoot < 0:
     raise ConfigError(f"budget.overshoot={b.overshoot} must be ≥ 0")
+  if b.diverge_margin <= 0 or b.diverge_patience < 0:
+    raise ConfigError(f"budget.diverge_margin={b.diverge_margin} must be positive and "
+                      f"budget.diverge_patience={b.diverge_patience} ≥ 0 (0 = only NaN/inf)")
   if b.target_loss:
     if b.target_loss < 0:
       raise ConfigError(f"budget.target_loss={b.target_loss} must be positive")
@@ -212,3 +219,24 @@ def peak_learning_rate(cfg: ml_collections.ConfigDict, n_params: int) -> float:
   ratio = cfg.batch_size / cfg.optim.reference_batch if cfg.optim.reference_batch else 1.0
   exponent = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.optim.batch_scaling]
   return lr * ratio**exponent
+
+
+def plan(cfg: ml_collections.ConfigDict, arg: str, vocab_size: int,
+         num_devices: int) -> workdir_lib.RunPlan:
+  """Everything derived from a (validated) config, computed once: the run's typed plan."""
+  mcfg = model_config(cfg, vocab_size)
+  lay = layout(cfg, num_devices)
+  steps = max_steps(cfg)
+  return workdir_lib.RunPlan(
+      arg=arg, size=cfg.model.size, n_params=model_lib.non_embedding_params(mcfg),
+      n_params_embedding=model_lib.embedding_params(mcfg), n_layer=mcfg.n_layer,
+      d_model=mcfg.d_model, seq_len=cfg.seq_len, batch_sequences=cfg.batch_size,
+      batch_tokens=batch_tokens(cfg),
+      learning_rate=peak_learning_rate(cfg, model_lib.non_embedding_params(mcfg)),
+      seed=cfg.seed, num_devices=num_devices, per_device_sequences=lay.per_device,
+      num_microbatches=lay.num_microbatches, microbatch_sequences=lay.microbatch,
+      microbatch_tokens=lay.microbatch * cfg.seq_len, warmup_steps=warmup_steps(cfg),
+      max_steps=steps, max_tokens=steps * batch_tokens(cfg),
+      target_loss=cfg.budget.target_loss or None, vocab_size=vocab_size,
+      dataset=cfg.data.tfds_name or cfg.data.name, tokenizer=cfg.tokenizer.name,
+      corpus_fingerprint=data_lib.corpus_fingerprint(cfg))

@@ -23,21 +23,17 @@ import numpy as np
 
 from bscan import datasets
 from bscan import tokenizers
+from bscan.errors import ConfigError
 
-# Packed sequences are shuffled within windows of this many (2 MB of int32 at T=128):
-# large enough that one batch draws from dozens of documents, small enough that a
-# restore (which refills one window) takes a fraction of a second.
-DEFAULT_SHUFFLE_WINDOW = 4096
 # Eval documents are read (in a fixed order) until this many times the needed tokens,
 # then the eval sequences are spread evenly over them: a fixed but varied held-out set.
 _EVAL_OVERSAMPLE = 16
 # Fixed seed for orders that must not depend on cfg.seed (eval set, tokenizer sample).
 _FIXED_SEED = 1234
-_SP_TRAIN_BYTES = 20_000_000
 
 
 def _data_dir(cfg: ml_collections.ConfigDict) -> epath.Path:
-  return datasets.data_dir(cfg.data.get("data_dir", ""))
+  return datasets.data_dir(cfg.data.data_dir)
 
 
 def _text_key(cfg: ml_collections.ConfigDict) -> str:
@@ -48,13 +44,13 @@ def get_source(cfg: ml_collections.ConfigDict, split: str) -> Sequence[dict]:
   """Random-access records of one split of cfg.data's corpus (builds pystdlib on first use)."""
   name = cfg.data.name
   if name == "pystdlib":
-    return datasets.pystdlib_source(cfg.data.include_tests, cfg.data.get("max_files", 0),
+    return datasets.pystdlib_source(cfg.data.include_tests, cfg.data.max_files,
                                     _data_dir(cfg), split)
   if name == "text_files":
     return datasets.text_files_source(cfg.data.glob, split)
   if name == "tfds":
     return datasets.tfds_source(cfg.data.tfds_name, split, _data_dir(cfg))
-  raise ValueError(f"cfg.data.name={name!r} is not one of {datasets.DATASET_NAMES}.")
+  raise ConfigError(f"data.name={name!r} is not one of {datasets.DATASET_NAMES}.")
 
 
 def dataset_key(cfg: ml_collections.ConfigDict) -> str:
@@ -62,7 +58,7 @@ def dataset_key(cfg: ml_collections.ConfigDict) -> str:
   name = cfg.data.name
   if name == "pystdlib":
     return "pystdlib-" + datasets.pystdlib_config_name(
-        cfg.data.include_tests, cfg.data.get("max_files", 0))
+        cfg.data.include_tests, cfg.data.max_files)
   if name == "text_files":
     listing = "\n".join(datasets.glob_files(cfg.data.glob))
     return "text_files-" + hashlib.sha256(listing.encode()).hexdigest()[:16]
@@ -98,15 +94,15 @@ def get_tokenizer(cfg: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
   if tok.name == "tiktoken":
     return tokenizers.TiktokenTokenizer.from_name(tok.encoding)
   if tok.name != "sentencepiece":
-    raise ValueError(f"cfg.tokenizer.name={tok.name!r} is not one of "
+    raise ConfigError(f"tokenizer.name={tok.name!r} is not one of "
                      f"{tokenizers.TOKENIZER_NAMES}.")
-  if tok.get("path", ""):
+  if tok.path:
     return _load_sentencepiece(tok.path)
   # Keyed by corpus and vocab so no two corpora or sizes share a model.
   path = (_data_dir(cfg) / "bscan_tokenizers" /
           f"{dataset_key(cfg)}-sp{tok.vocab_size}.model")
   if not path.exists():
-    train_bytes = tok.get("train_bytes", _SP_TRAIN_BYTES)
+    train_bytes = tok.train_bytes
     logging.info("Training SentencePiece (vocab %d) on %d bytes -> %s",
                  tok.vocab_size, train_bytes, path)
     source = get_source(cfg, cfg.data.train_split)
@@ -177,13 +173,13 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int = 
                         process_count: int = 1) -> grain.DatasetIterator:
   """Infinite, checkpointable iterator of this process's int32 [B/process_count, T+1]."""
   if cfg.batch_size % process_count:
-    raise ValueError(f"cfg.batch_size={cfg.batch_size} is not divisible by the "
+    raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the "
                      f"process count {process_count}.")
   tokenizer = get_tokenizer(cfg)
   source = get_source(cfg, cfg.data.train_split)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) == 0:  # pylint: disable=g-explicit-length-test
-    raise ValueError(f"Split {cfg.data.train_split!r} has {len(source)} documents, too few "
+    raise ConfigError(f"data.train_split={cfg.data.train_split!r} has {len(source)} documents, too few "
                      f"for {process_count} processes.")
   # shuffle-then-repeat: repeat() reseeds the shuffle, so every epoch has a new order.
   ds = ds.shuffle(seed=_derived_seed(cfg.seed, 0)).repeat().map(
@@ -195,10 +191,10 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int = 
       it, length_struct={"tokens": cfg.seq_len + 1})
   it = it.map(_packed_tokens)
   it = grain.experimental.WindowShuffleIterDataset(
-      it, window_size=cfg.data.get("shuffle_window", DEFAULT_SHUFFLE_WINDOW),
+      it, window_size=cfg.data.shuffle_window,
       seed=_derived_seed(cfg.seed, 1, process_index))
   it = it.batch(cfg.batch_size // process_count, drop_remainder=True)
-  if cfg.data.get("worker_count", 0) > 0:
+  if cfg.data.worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
   return _JsonSafeIterator(iter(it))
 
@@ -223,8 +219,8 @@ def make_eval_batches(cfg: ml_collections.ConfigDict) -> np.ndarray:
   tokens = _eval_tokens(cfg, _EVAL_OVERSAMPLE * n * length)
   available = len(tokens) // length
   if available < n:
-    raise ValueError(
-        f"cfg.data.eval_sequences={n}: split {cfg.data.eval_split!r} holds only "
+    raise ConfigError(
+        f"data.eval_sequences={n}: split {cfg.data.eval_split!r} holds only "
         f"{available} sequences of {length} tokens; lower eval_sequences or seq_len"
         + (", or add files: the split is too small" if available == 0 else "") + ".")
   sequences = tokens[:available * length].reshape(available, length)
@@ -236,7 +232,7 @@ def corpus_fingerprint(cfg: ml_collections.ConfigDict) -> dict | None:
   """pystdlib's fingerprint (files, bytes, sha256), recorded with every run; else None."""
   if cfg.data.name != "pystdlib":
     return None
-  fp = datasets.local_fingerprint(cfg.data.include_tests, cfg.data.get("max_files", 0))
+  fp = datasets.local_fingerprint(cfg.data.include_tests, cfg.data.max_files)
   return dataclasses.asdict(fp)
 
 
@@ -262,50 +258,61 @@ def unigram_entropy(cfg: ml_collections.ConfigDict, max_tokens: int = 1 << 25) -
 
 
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the bad field and the fix; reads no data, builds nothing."""
+  """Raises ConfigError naming the bad field and the fix; reads no data, builds nothing."""
   def require(ok: bool, message: str) -> None:
     if not ok:
-      raise ValueError(message)
+      raise ConfigError(message)
 
   d, tok = cfg.data, cfg.tokenizer
   require(d.name in datasets.DATASET_NAMES,
-          f"cfg.data.name={d.name!r} is unknown; use one of {datasets.DATASET_NAMES}.")
-  require(cfg.seq_len >= 1, f"cfg.seq_len={cfg.seq_len} must be >= 1.")
-  require(cfg.batch_size >= 1, f"cfg.batch_size={cfg.batch_size} must be >= 1.")
-  require(d.eval_sequences >= 1, f"cfg.data.eval_sequences={d.eval_sequences} must be >= 1.")
-  require(d.get("worker_count", 0) >= 0,
-          f"cfg.data.worker_count={d.get('worker_count')} must be >= 0 (0 = in-process).")
-  require(d.get("shuffle_window", DEFAULT_SHUFFLE_WINDOW) >= 1,
-          "cfg.data.shuffle_window must be >= 1.")
+          f"data.name={d.name!r} is unknown; use one of {datasets.DATASET_NAMES}.")
+  require(cfg.seq_len >= 1, f"seq_len={cfg.seq_len} must be >= 1.")
+  require(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1.")
+  require(d.eval_sequences >= 1, f"data.eval_sequences={d.eval_sequences} must be >= 1.")
+  require(d.worker_count >= 0,
+          f"data.worker_count={d.worker_count} must be >= 0 (0 = in-process).")
+  require(d.shuffle_window >= 1, f"data.shuffle_window={d.shuffle_window} must be >= 1.")
   for field in ("train_split", "eval_split"):
-    require(bool(d.get(field, "")), f"cfg.data.{field} is empty; e.g. 'train' / 'validation'.")
+    require(bool(d[field]), f"data.{field} is empty; e.g. 'train' / 'validation'.")
   if d.name == "pystdlib":
-    require(d.get("max_files", 0) >= 0, f"cfg.data.max_files={d.max_files} must be >= 0 "
-            "(0 = all files).")
-    require(os.path.isdir(datasets.stdlib_dir()), f"cfg.data.name='pystdlib': the stdlib "
+    require(d.max_files >= 0, f"data.max_files={d.max_files} must be >= 0 (0 = all files).")
+    require(os.path.isdir(datasets.stdlib_dir()), f"data.name='pystdlib': the stdlib "
             f"directory {datasets.stdlib_dir()} does not exist; use name='text_files'.")
-    require(d.get("max_files", 0) != 1, "cfg.data.max_files=1 leaves no validation file; "
-            "use 0 (all) or >= 2.")
+    require(d.max_files != 1, "data.max_files=1 leaves no validation file; use 0 (all) or >= 2.")
   elif d.name == "text_files":
-    require(bool(d.get("glob", "")), "cfg.data.glob is empty; set it to your files, e.g. "
+    require(bool(d.glob), "data.glob is empty; set it to your files, e.g. "
             "'~/corpus/**/*.txt'.")
     n = len(datasets.glob_files(d.glob))
-    require(n >= 2, f"cfg.data.glob={d.glob!r} matches {n} files; it needs >= 2 (files are "
+    require(n >= 2, f"data.glob={d.glob!r} matches {n} files; it needs >= 2 (files are "
             "split into train/validation by path hash).")
   elif d.name == "tfds":
-    require(bool(d.get("tfds_name", "")), "cfg.data.tfds_name is empty; e.g. 'lm1b'.")
-    require(bool(d.get("text_key", "")), "cfg.data.text_key is empty; e.g. 'text' "
-            "('book_text' for pg19).")
-  require(tok.name in tokenizers.TOKENIZER_NAMES, f"cfg.tokenizer.name={tok.name!r} is "
+    require(bool(d.tfds_name), "data.tfds_name is empty; e.g. 'lm1b'.")
+    require(bool(d.text_key), "data.text_key is empty; e.g. 'text' ('book_text' for pg19).")
+    datasets.check_tfds(d.tfds_name, _data_dir(cfg))
+  require(tok.name in tokenizers.TOKENIZER_NAMES, f"tokenizer.name={tok.name!r} is "
           f"unknown; use one of {tokenizers.TOKENIZER_NAMES}.")
   if tok.name == "sentencepiece":
-    if tok.get("path", ""):
-      require(epath.Path(tok.path).exists(),
-              f"cfg.tokenizer.path={tok.path!r} does not exist; fix it, or set it to '' to "
-              "train a model on the corpus.")
+    if tok.path:
+      _check_sentencepiece_file(tok.path)
     else:
       # byte_fallback takes 256 pieces, the corpus's common characters ~100 more.
-      require(tok.get("vocab_size", 0) >= 512, f"cfg.tokenizer.vocab_size="
-              f"{tok.get('vocab_size')} is too small for SentencePiece; use >= 512.")
+      require(tok.vocab_size >= 512, f"tokenizer.vocab_size={tok.vocab_size} is too small "
+              "for SentencePiece; use >= 512.")
   elif tok.name == "tiktoken":
-    require(bool(tok.get("encoding", "")), "cfg.tokenizer.encoding is empty; e.g. 'gpt2'.")
+    require(bool(tok.encoding), "tokenizer.encoding is empty; e.g. 'gpt2'.")
+    names = tokenizers.tiktoken_encoding_names()
+    require(tok.encoding in names, f"tokenizer.encoding={tok.encoding!r} is not a tiktoken "
+            f"encoding; use one of {names}.")
+
+
+def _check_sentencepiece_file(path: str) -> None:
+  """tokenizer.path must name a readable SentencePiece model (not any file)."""
+  try:
+    _load_sentencepiece(path)
+  except FileNotFoundError as e:
+    raise ConfigError(f"tokenizer.path={path!r} does not exist; fix it, or set it to '' to "
+                      "train a model on the corpus.") from e
+  except Exception as e:  # sentencepiece raises RuntimeError/OSError from C++ on a bad file
+    raise ConfigError(f"tokenizer.path={path!r} is not a SentencePiece model (it could not "
+                      "be loaded); point it at a .model file, or set it to '' to train one "
+                      "on the corpus.") from e

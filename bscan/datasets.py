@@ -19,6 +19,8 @@ from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
+from bscan.errors import ConfigError
+
 DATASET_NAMES = ("pystdlib", "text_files", "tfds")
 # A directory with one of these names holds tests (Lib/test, unittest/test, lib2to3/tests,
 # idlelib/idle_test, ...). Only directory components count, so doctest.py is not a test.
@@ -225,7 +227,7 @@ def _check_fingerprint(builder: Pystdlib) -> None:
   cfg = builder.builder_config
   local = local_fingerprint(cfg.include_tests, cfg.max_files)
   if stored != local:
-    raise ValueError(
+    raise ConfigError(
         f"The pystdlib dataset in {builder.data_dir} was built from a different standard "
         f"library ({stored.num_files} files, {stored.num_bytes} bytes, sha256 "
         f"{stored.sha256[:12]}…) than this interpreter's ({local.num_files} files, "
@@ -275,11 +277,33 @@ def text_files_source(pattern: str, split: str) -> TextFilesSource:
   glob's root (so the split does not depend on the working directory or mount point)."""
   files = glob_files(pattern)
   if not files:
-    raise ValueError(f"cfg.data.glob={pattern!r} matches no files.")
+    raise ConfigError(f"data.glob={pattern!r} matches no files.")
   root = _glob_root(os.path.expanduser(pattern))
   by_rel = {os.path.relpath(f, root) if not f.startswith("gs://") else f[len(root):]: f
             for f in files}
   return TextFilesSource([by_rel[rel] for rel in split_files(list(by_rel))[split]])
+
+
+def check_tfds(name: str, data_dir_: epath.Path) -> None:
+  """data.tfds_name must be a TFDS dataset prepared (as ArrayRecord) under the data dir."""
+  try:
+    builder_cls = tfds.builder_cls(name.split(":")[0].split("/")[0])
+  except Exception as e:  # pylint: disable=broad-exception-caught  (DatasetNotFoundError)
+    raise ConfigError(f"data.tfds_name={name!r} is not a TFDS dataset; check the spelling "
+                      "(e.g. 'lm1b', 'c4/en', 'pg19')") from e
+  del builder_cls
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # TFDS warns about every missing version folder
+  try:
+    prepared = tfds.builder(name, data_dir=os.fspath(data_dir_)).is_prepared()
+  except Exception as e:  # pylint: disable=broad-exception-caught  (an unknown config or version)
+    raise ConfigError(f"data.tfds_name={name!r}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  finally:
+    logging.set_verbosity(verbosity)
+  if not prepared:
+    raise ConfigError(f"data.tfds_name={name!r} is not prepared in {data_dir_}; set "
+                      "data.data_dir to where its ArrayRecord files live (README, 'Data')")
 
 
 def tfds_source(name: str, split: str, data_dir_: epath.Path) -> Sequence[dict]:
@@ -287,7 +311,7 @@ def tfds_source(name: str, split: str, data_dir_: epath.Path) -> Sequence[dict]:
   try:
     return tfds.data_source(name, split=split, data_dir=os.fspath(data_dir_), download=False)
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise RuntimeError(
-        f"cfg.data.tfds_name={name!r}, split={split!r}: could not open it in {data_dir_} "
+    raise ConfigError(
+        f"data.tfds_name={name!r}, split={split!r}: could not open it in {data_dir_} "
         f"({type(e).__name__}: {e}). bscan reads TFDS datasets prepared in ArrayRecord "
         "format (see README, 'Data'); set cfg.data.data_dir to where it lives.") from e

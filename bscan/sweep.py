@@ -12,11 +12,14 @@ import importlib.util
 import json
 import math
 import re
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from etils import epath
+
+from bscan import workdir as workdir_lib
 
 Value = str | int | float | bool
 
@@ -137,6 +140,21 @@ def expand(sweep: Sweep, sweep_dir: str) -> list[ExpandedPoint]:
   return [ExpandedPoint(dict(p), point_arg(p), point_workdir(sweep_dir, p)) for p in sweep.points]
 
 
+def trainer_command(python: str, trainer: str, config: str, point: ExpandedPoint,
+                    multihost: str) -> list[str]:
+  """argv of one point's trainer run; every launcher builds it here.
+
+  `python` may be several shell words ('conda run -n x python'); `trainer` is a module run
+  with -m, or a .py file. ValueError when `python` does not split into words.
+  """
+  words = shlex.split(python)
+  if not words:
+    raise ValueError(f"python command {python!r} is empty")
+  target = [trainer] if trainer.endswith(".py") else ["-m", trainer]
+  return [*words, *target, f"--config={config}:{point.arg}", f"--workdir={point.workdir}",
+          f"--multihost={multihost}"]
+
+
 def load_sweep(config_path: str) -> Sweep:
   """Imports a config file by path and returns its sweep(); clear errors otherwise."""
   path = epath.Path(config_path.split(":", 1)[0])
@@ -152,7 +170,8 @@ def load_sweep(config_path: str) -> Sweep:
   try:
     spec.loader.exec_module(module)
   except Exception as e:
-    raise ValueError(f"config file {config_path!r} failed to import: {e!r}") from e
+    raise ValueError(f"config file {config_path!r} failed to import: "
+                     f"{type(e).__name__}: {e}") from e
   finally:
     sys.modules.pop(name, None)
   if not callable(getattr(module, "sweep", None)):
@@ -160,8 +179,8 @@ def load_sweep(config_path: str) -> Sweep:
                      "there is nothing to launch (run it with experiments.train instead)")
   try:
     result = module.sweep()
-  except ValueError as e:
-    raise ValueError(f"sweep() of {config_path!r}: {e}") from e
+  except Exception as e:  # the config's own code: any fault is the file's, so name it
+    raise ValueError(f"sweep() of {config_path!r} raised {type(e).__name__}: {e}") from e
   if not isinstance(result, Sweep):
     raise TypeError(f"sweep() of {config_path!r} returned {type(result).__name__}, "
                     "expected bscan.sweep.Sweep")
@@ -182,7 +201,9 @@ def write_sweep_json(config_path: str, sweep: Sweep, sweep_dir: str) -> str:
   """Writes SWEEP_DIR/sweep.json (so the analysis finds the targets); returns its path."""
   path = epath.Path(sweep_dir) / SWEEP_JSON
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(sweep_json(config_path, sweep, sweep_dir), indent=1) + "\n")
+  # Atomic: a launcher killed mid-write must not leave the analysis a torn sweep.json.
+  workdir_lib.write_text_atomic(
+      path, json.dumps(sweep_json(config_path, sweep, sweep_dir), indent=1) + "\n")
   return str(path)
 
 

@@ -8,6 +8,8 @@ import io
 
 import numpy as np
 
+from bscan.errors import ConfigError
+
 TOKENIZER_NAMES = ("bytes", "sentencepiece", "tiktoken")
 
 
@@ -120,6 +122,12 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.decode([int(i) for i in ids if int(i) not in specials])
 
 
+def tiktoken_encoding_names() -> list[str]:
+  """The encodings tiktoken knows by name (whether or not their files are cached)."""
+  import tiktoken  # pylint: disable=g-import-not-at-top
+  return sorted(tiktoken.list_encoding_names())
+
+
 class TiktokenTokenizer(Tokenizer):
   """A tiktoken encoding; EOS is its `<|endoftext|>` token."""
 
@@ -138,10 +146,10 @@ class TiktokenTokenizer(Tokenizer):
     try:
       return cls(tiktoken.get_encoding(name))
     except ValueError as e:  # unknown name
-      raise ValueError(f"cfg.tokenizer.encoding={name!r}: {e}") from e
+      raise ConfigError(f"tokenizer.encoding={name!r}: {e}") from e
     except Exception as e:  # pylint: disable=broad-exception-caught
-      raise RuntimeError(
-          f"cfg.tokenizer.encoding={name!r}: tiktoken could not load its encoding files "
+      raise ConfigError(
+          f"tokenizer.encoding={name!r}: tiktoken could not load its encoding files "
           f"({type(e).__name__}: {e}). tiktoken downloads them on first use; on a machine "
           "without internet, copy a populated cache directory and set TIKTOKEN_CACHE_DIR "
           "to it, or use tokenizer.name='bytes' or 'sentencepiece'.") from e

@@ -18,23 +18,14 @@ import numpy as np
 from bscan import checkpoint as checkpoint_lib
 from bscan import config as config_lib
 from bscan import data as data_lib
-from bscan import metrics as metrics_lib
 from bscan import model as model_lib
 from bscan import noise_scale
 from bscan import optim
+from bscan import stopping
 from bscan import train_step as step_lib
-
-
-@dataclasses.dataclass
-class LoopState:
-  """Host-side counters that decide when to stop; checkpointed so resumes decide alike."""
-
-  loss_ema: float = 0.0
-  loss_ema_count: int = 0
-  target_step: int = 0  # first step whose smoothed loss reached the target (0 = not yet)
-
-  def smoothed(self, decay: float) -> float:
-    return self.loss_ema / (1.0 - decay**self.loss_ema_count)
+from bscan import workdir as workdir_lib
+from bscan.errors import ConfigError
+from bscan.workdir import Col
 
 
 def eval_due(step: int, cfg: ml_collections.ConfigDict) -> bool:
@@ -47,39 +38,20 @@ def eval_due(step: int, cfg: ml_collections.ConfigDict) -> bool:
   return False
 
 
-def derived_values(cfg: ml_collections.ConfigDict, arg: str, vocab_size: int,
-                   num_devices: int) -> dict[str, Any]:
-  """What the analysis needs about a run, in sequences and in tokens."""
-  mcfg = config_lib.model_config(cfg, vocab_size)
-  n_params = model_lib.non_embedding_params(mcfg)
-  lay = config_lib.layout(cfg, num_devices)
-  return {
-      "arg": arg, "size": cfg.model.size, "n_params": n_params,
-      "n_params_embedding": model_lib.embedding_params(mcfg), "n_layer": mcfg.n_layer,
-      "d_model": mcfg.d_model, "seq_len": cfg.seq_len, "batch_sequences": cfg.batch_size,
-      "batch_tokens": config_lib.batch_tokens(cfg),
-      "learning_rate": config_lib.peak_learning_rate(cfg, n_params), "seed": cfg.seed,
-      "microbatch_sequences": lay.microbatch, "microbatch_tokens": lay.microbatch * cfg.seq_len,
-      "num_devices": num_devices, "num_microbatches": lay.num_microbatches,
-      "target_loss": cfg.budget.target_loss or None, "max_steps": config_lib.max_steps(cfg),
-      "max_tokens": config_lib.max_steps(cfg) * config_lib.batch_tokens(cfg),
-      "vocab_size": vocab_size, "dataset": cfg.data.tfds_name or cfg.data.name,
-      "tokenizer": cfg.tokenizer.name, "corpus_fingerprint": data_lib.corpus_fingerprint(cfg),
-  }
-
-
 def check_workdir(workdir: epath.Path, cfg: ml_collections.ConfigDict, allow_change: bool) -> None:
   """Refuses to mix two different configs in one workdir unless told to."""
-  path = workdir / "config.json"
-  if not path.exists() or allow_change:
+  if allow_change:
     return
-  old = json.loads(path.read_text())["config"]
-  new = json.loads(cfg.to_json())
-  diffs = [k for k in sorted(set(_flatten(old)) | set(_flatten(new)))
-           if _flatten(old).get(k) != _flatten(new).get(k)]
+  saved = workdir_lib.read_config(workdir)
+  if saved is None:
+    return
+  old, new = _flatten(saved.config), _flatten(json.loads(cfg.to_json()))
+  # Fields the saved config lacks were added by a later bscan: their defaults are no change.
+  diffs = [k for k in sorted(old) if old[k] != new.get(k)]
   if diffs:
-    raise config_lib.ConfigError(
-        f"workdir {workdir} holds a run with a different config (fields {diffs}); use another "
+    shown = diffs[:6] + ([f"… {len(diffs) - 6} more"] if len(diffs) > 6 else [])
+    raise ConfigError(
+        f"workdir {workdir} holds a run with a different config (fields {shown}); use another "
         "--workdir, or pass --allow_config_change to continue it with the new config")
 
 
@@ -88,6 +60,17 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   for k, v in d.items():
     out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
   return out
+
+
+def _saved_status(workdir: epath.Path) -> str | None:
+  """The status a previous attempt left; a damaged status.json is reported and rebuilt."""
+  try:
+    status = workdir_lib.read_status(workdir)
+  except ConfigError as e:
+    if jax.process_index() == 0:
+      print(f"warning: {e} (the run resumes from its checkpoint and rewrites it)", flush=True)
+    return None
+  return status.status if status else None
 
 
 PREEMPTION_SYNC_EVERY = 10  # steps between the hosts' agreement on a SIGTERM (multi-host)
@@ -119,14 +102,18 @@ class _Preemption:
 
 def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
         allow_config_change: bool = False) -> str:
-  """Trains (or resumes) one run; returns its final status (done / diverged / failed)."""
+  """Trains (or resumes) one run; returns its final status (done / diverged / preempted).
+
+  Every input is checked before anything is built (config, data, tokenizer settings, the
+  workdir and the config it holds): a ConfigError names the field or file and the fix.
+  """
   workdir = epath.Path(workdir)
   num_devices = jax.device_count()
   config_lib.validate(cfg, num_devices)
-  data_lib.validate_data_config(cfg)
+  workdir_lib.check_usable(workdir)
   check_workdir(workdir, cfg, allow_config_change)
-  status = (metrics_lib.read_status(workdir) or {}).get("status")
-  finished = status in ("done", "diverged")
+  status = _saved_status(workdir)
+  finished = status in workdir_lib.FINAL_STATES
   if jax.process_count() > 1:  # process 0 wrote it; workers may not see the same disk
     finished = bool(multihost_utils.broadcast_one_to_all(np.array(finished)))
     status = status if finished else None
@@ -138,20 +125,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
 
   is_main = jax.process_index() == 0
   tokenizer = data_lib.get_tokenizer(cfg)
-  derived = derived_values(cfg, arg, tokenizer.vocab_size, num_devices)
+  plan = config_lib.plan(cfg, arg, tokenizer.vocab_size, num_devices)
   if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(
-        {"config": json.loads(cfg.to_json()), "arg": arg, "derived": derived}, indent=2))
+    workdir_lib.write_config(workdir, json.loads(cfg.to_json()), arg, plan)
   trainer = None
   try:
-    trainer = Trainer(cfg, workdir, derived, tokenizer.vocab_size)
+    trainer = Trainer(cfg, workdir, plan)
     return trainer.train()
   except Exception as e:  # Recorded for the launcher and the analysis, then re-raised.
     if is_main:
       step = trainer.step if trainer else 0
-      metrics_lib.write_status(workdir, "failed", f"{type(e).__name__}: {e}", step,
-                               step * derived["batch_tokens"])
+      workdir_lib.write_status(workdir, workdir_lib.FAILED, f"{type(e).__name__}: {e}", step,
+                               step * plan.batch_tokens)
     raise
   finally:
     if trainer:
@@ -162,17 +147,17 @@ class Trainer:
   """Builds mesh, model, step, data and checkpoints for one run, then loops."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: epath.Path,
-               derived: dict[str, Any], vocab_size: int):
-    self.cfg, self.workdir, self.derived = cfg, workdir, derived
+               plan: workdir_lib.RunPlan):
+    self.cfg, self.workdir, self.plan = cfg, workdir, plan
     self.is_main = jax.process_index() == 0
     self.mesh = step_lib.make_mesh()
-    lay = config_lib.layout(cfg, jax.device_count())
     self.sc = step_lib.StepConfig(
-        num_microbatches=lay.num_microbatches, microbatch=lay.microbatch, seq_len=cfg.seq_len,
-        num_devices=lay.num_devices, noise=cfg.noise.enabled, ema_decay=cfg.noise.ema_decay)
-    model = model_lib.Transformer(config_lib.model_config(cfg, vocab_size))
+        num_microbatches=plan.num_microbatches, microbatch=plan.microbatch_sequences,
+        seq_len=plan.seq_len, num_devices=plan.num_devices, noise=cfg.noise.enabled,
+        ema_decay=cfg.noise.ema_decay)
+    model = model_lib.Transformer(config_lib.model_config(cfg, plan.vocab_size))
     self.loss_fn = lambda params, batch: model_lib.loss_fn(model, params, batch)
-    self.lr = optim.schedule(cfg, derived["learning_rate"])
+    self.lr = optim.schedule(cfg, plan.learning_rate)
     tx = optim.optimizer(cfg, self.lr)
     self.train_step = step_lib.make_train_step(self.loss_fn, tx, self.lr, self.sc, self.mesh)
     self.hessian_fn = None
@@ -190,49 +175,59 @@ class Trainer:
     eval_tokens = data_lib.make_eval_batches(cfg)  # the same on every process
     self.eval_tokens = jax.make_array_from_callback(
         eval_tokens.shape, self.batch_sharding, lambda index: eval_tokens[index])
-    chunk = math.gcd(len(eval_tokens) // lay.num_devices, lay.microbatch)
+    chunk = math.gcd(len(eval_tokens) // plan.num_devices, plan.microbatch_sequences)
     self.eval_fn = step_lib.make_eval_fn(self.loss_fn, self.mesh, chunk)
-    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main)
+    self.writer = workdir_lib.MetricsWriter(workdir, enabled=self.is_main)
     self.ckpt = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
-    self.loop = LoopState()
-    self.max_steps = config_lib.max_steps(cfg)
-    self.loss_decay = math.exp(-derived["batch_tokens"] / cfg.budget.smoothing_tokens)
+    b = cfg.budget
+    self.stop_rule = stopping.StopRule.from_tokens(
+        b.target_loss, b.overshoot, plan.max_steps, plan.batch_tokens, b.smoothing_tokens)
+    self.divergence = stopping.DivergenceRule(b.diverge_margin, b.diverge_patience)
+    self.loop = stopping.LoopState()
     self.step = 0  # last dispatched step
     self._last_fetch = None
-    self._diverged_step = 0
+    self._diverged = ""  # the reason, once diverged
+    self.step_diverged = 0
 
   def close(self) -> None:
     self.writer.close()
     self.ckpt.close()
 
   def _restore(self) -> int:
-    if self.ckpt.latest_step() is None:
-      self.writer.truncate_after(0)  # rows of an attempt that crashed before any checkpoint
+    """Restores the newest intact checkpoint (or none) and cuts the rows back to its step."""
+    restored = None
+    if self.ckpt.latest_step() is not None:
+      restored = self.ckpt.restore(checkpoint_lib.abstract(self.state), self.data_iter,
+                                   lambda loop: stopping.LoopState(**loop))
+    if restored is None:
+      self.writer.resume(0, None)  # rows of an attempt that ended before any checkpoint
       return 0
-    self.state, loop = self.ckpt.restore(checkpoint_lib.abstract(self.state), self.data_iter)
-    self.loop = LoopState(**loop)
-    step = int(self.state.step)
-    self.writer.truncate_after(step)
+    step, self.state, self.loop = restored
+    # Checkpoints written before rows were counted hold rows=0: nothing to check against.
+    self.writer.resume(step, self.loop.rows or None)
     if self.is_main:
       print(f"resumed from the checkpoint at step {step}", flush=True)
     return step
 
   def _status(self, status: str, reason: str, step: int) -> None:
     if self.is_main:
-      metrics_lib.write_status(self.workdir, status, reason, step,
-                               step * self.derived["batch_tokens"])
+      workdir_lib.write_status(self.workdir, status, reason, step, step * self.plan.batch_tokens)
+
+  def _save(self, step: int, force: bool = False) -> None:
+    self.writer.flush()
+    self.ckpt.save(step, self.state, self.data_iter, dataclasses.asdict(self.loop), force=force)
 
   def train(self) -> str:
     """The loop: dispatch step n, then fetch step n−1's metrics (never block needlessly)."""
     step = self.step = self._restore()
-    self._status("running", "", step)
+    self._status(workdir_lib.RUNNING, "", step)
     if self.sc.noise and self.sc.b_small == self.sc.b_big:
       logging.warning("Noise scale undefined: one device and one microbatch (B_small = B_big); "
                       "set microbatch_size below batch_size to measure it. Training on.")
     preemption = _Preemption()
-    pending, outcome = None, None
+    pending = None
     try:
-      while outcome is None and step < self.max_steps and not self._stop_due(step):
+      while not self._diverged and step < self.stop_rule.stop_step(self.loop):
         local = next(self.data_iter)
         batch = jax.make_array_from_process_local_data(self.batch_sharding, local)
         if self.hessian_fn and (step + 1) % self.cfg.noise.hessian_every == 0:
@@ -242,111 +237,86 @@ class Trainer:
         self.state, train_metrics = self.train_step(self.state, batch)
         train_metrics = {**train_metrics, **hessian}
         step = self.step = step + 1
-        last = step == self.max_steps or step == self._stop_step()
+        last = step == self.stop_rule.stop_step(self.loop)  # the final row gets an eval loss
         eval_loss = (self.eval_fn(self.state.params, self.eval_tokens)
                      if eval_due(step, self.cfg) or last else None)
         if pending:
-          outcome = self._finish(*pending)
+          self._finish(*pending)
         pending = (step, train_metrics, eval_loss)
         preempted = preemption.agreed(step)
         if step % self.cfg.checkpoint.every_steps == 0 or preempted:
-          outcome = outcome or self._finish(*pending)
+          self._finish(*pending)
           pending = None
-          if outcome is None:
-            self.writer.flush()
-            self.ckpt.save(step, self.state, self.data_iter, dataclasses.asdict(self.loop))
-          if preempted and outcome is None:
+          if not self._diverged:
+            self._save(step)
+          if preempted and not self._diverged:
             self.ckpt.wait()
-            reason = f"preempted (SIGTERM) at step {step}; rerun the same command to resume"
-            self._status("failed", reason, step)
-            return "failed"
+            self._status(workdir_lib.PREEMPTED,
+                         f"SIGTERM at step {step}; rerun the same command to resume", step)
+            return workdir_lib.PREEMPTED
       if pending:
-        outcome = outcome or self._finish(*pending)
+        self._finish(*pending)
     finally:
       preemption.restore()
-    if outcome == "diverged":
-      self._status("diverged", f"non-finite train loss at step {self._diverged_step}",
-                   self._diverged_step)
-      return "diverged"
-    self.writer.flush()
+    if self._diverged:
+      self._status(workdir_lib.DIVERGED, self._diverged, self.step_diverged)
+      return workdir_lib.DIVERGED
     if self.ckpt.latest_step() != step:
-      self.ckpt.save(step, self.state, self.data_iter, dataclasses.asdict(self.loop), force=True)
-    target = self.cfg.budget.target_loss
-    if self.loop.target_step:
-      reason = f"reached target loss {target} at step {self.loop.target_step}"
-    elif target:
-      reason = f"cap of {self.max_steps} steps reached before target loss {target}"
-    else:
-      reason = f"step budget {self.max_steps} used"
-    self._status("done", reason, step)
+      self._save(step, force=True)
+    reason = self.stop_rule.reason(self.loop)
+    self._status(workdir_lib.DONE, reason, step)
     if self.is_main:
       print(f"done: {reason} → {self.workdir}", flush=True)
-    return "done"
+    return workdir_lib.DONE
 
-  def _stop_step(self) -> int | None:
-    """After the target is reached, run `overshoot` more so smoothed curves cross it too."""
-    t = self.loop.target_step
-    return t + math.ceil(self.cfg.budget.overshoot * t) if t else None
-
-  def _stop_due(self, step: int) -> bool:
-    stop = self._stop_step()
-    return stop is not None and step >= stop
-
-  def _finish(self, step: int, train_metrics: dict[str, Any], eval_loss) -> str | None:
-    """Fetches one step's metrics, writes its row; returns 'diverged' on a non-finite loss."""
+  def _finish(self, step: int, train_metrics: dict[str, Any], eval_loss) -> None:
+    """Fetches one step's metrics, writes its row, and applies the stop and divergence rules."""
     m = jax.device_get(train_metrics)
     now = time.perf_counter()
     dt = now - self._last_fetch if self._last_fetch is not None else float("nan")
     self._last_fetch = now
     loss = float(m["train_loss"])
-    row = {"step": step, "tokens": step * self.derived["batch_tokens"], "train_loss": loss,
-           "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), "step_time_s": dt,
-           "tokens_per_s": self.derived["batch_tokens"] / dt if dt == dt else float("nan")}
+    tokens = self.plan.batch_tokens
+    row = {Col.STEP: step, Col.TOKENS: step * tokens, Col.TRAIN_LOSS: loss,
+           Col.LR: float(m["lr"]), Col.GRAD_NORM: float(m["grad_norm"]), Col.STEP_TIME_S: dt,
+           Col.TOKENS_PER_S: tokens / dt if dt == dt else float("nan")}
     if eval_loss is not None:
-      row["eval_loss"] = float(eval_loss)
+      row[Col.EVAL_LOSS] = float(eval_loss)
     noise_columns = self._noise_columns(step, m)
     row.update(noise_columns)
-    rare = eval_loss is not None or "b_noise_tokens" in row or any(
-        k.startswith("ns_group/") for k in noise_columns)  # never drop cadenced measurements
-    if step % self.cfg.log_every_steps == 0 or rare or not math.isfinite(loss):
+    self.loop = self.divergence.update(self.loop, loss)
+    reason = self.divergence.diverged(self.loop, loss)
+    rare = eval_loss is not None or Col.B_NOISE_TOKENS in row or any(
+        k.startswith(Col.GROUP_PREFIX) for k in noise_columns)  # never drop cadenced rows
+    if step % self.cfg.log_every_steps == 0 or rare or reason:
       self.writer.write(row)
+      self.loop = dataclasses.replace(self.loop, rows=self.loop.rows + 1)
     if eval_loss is not None and self.is_main:
-      speed = row["tokens_per_s"]  # none yet on the first step after a start
+      speed = row[Col.TOKENS_PER_S]  # none yet on the first step after a start
       speed = f"{speed:>8.0f} tokens/s" if math.isfinite(speed) else "       – tokens/s"
-      print(f"step {step:>6}  tokens {row['tokens']:>11,}  train {loss:.4f}  eval "
-            f"{row['eval_loss']:.4f}  B_simple {row.get('b_simple_tokens', float('nan')):>9.0f} "
-            f"tokens  {speed}", flush=True)
-    if not math.isfinite(loss):
-      self._diverged_step = step
-      return "diverged"
-    self._track_target(step, loss)
-    return None
+      print(f"step {step:>6}  tokens {row[Col.TOKENS]:>11,}  train {loss:.4f}  eval "
+            f"{row[Col.EVAL_LOSS]:.4f}  B_simple "
+            f"{row.get(Col.B_SIMPLE_TOKENS, float('nan')):>9.0f} tokens  {speed}", flush=True)
+    if reason and not self._diverged:
+      self._diverged, self.step_diverged = f"{reason} at step {step}", step
+      return
+    self.loop = self.stop_rule.update(self.loop, step, loss)
 
   def _noise_columns(self, step: int, m: dict[str, Any]) -> dict[str, float]:
     if not self.sc.noise:
       return {}
     seq = self.cfg.seq_len
-    cols = {k: float(m[k]) for k in ("ns_g_small_sq", "ns_g_big_sq", "ns_gsq", "ns_trace")}
-    cols["b_simple_tokens"] = float(m["b_simple"])
-    cols["b_simple_seqs"] = float(m["b_simple"]) / seq
+    cols = {k: float(m[k]) for k in (Col.G_SMALL_SQ, Col.G_BIG_SQ, Col.GSQ, Col.TRACE)}
+    cols[Col.B_SIMPLE_TOKENS] = float(m["b_simple"])
+    cols[Col.B_SIMPLE_SEQS] = float(m["b_simple"]) / seq
     group_every = self.cfg.noise.group_every
     if group_every and step % group_every == 0:
       for key, value in m.items():
-        if key.startswith("ns_group/") and key.endswith("/b_simple"):
+        if key.startswith(Col.GROUP_PREFIX) and key.endswith("/b_simple"):
           cols[key + "_tokens"] = float(value)
     if "b_noise" in m:  # Hessian-weighted, on its cadence; NaN (null) when GᵀHG ≤ 0
-      cols.update({k: float(m[k]) for k in ("ns_q_small", "ns_q_big", "ns_ghg", "ns_trhs",
-                                            "ns_b_noise_undefined")})
-      cols["b_noise_tokens"] = float(m["b_noise"])
-      cols["b_noise_seqs"] = float(m["b_noise"]) / seq
+      cols.update({k: float(m[k]) for k in (Col.Q_SMALL, Col.Q_BIG, Col.GHG, Col.TRHS,
+                                            Col.B_NOISE_UNDEFINED)})
+      cols[Col.B_NOISE_TOKENS] = float(m["b_noise"])
+      cols[Col.B_NOISE_SEQS] = float(m["b_noise"]) / seq
     return cols
-
-  def _track_target(self, step: int, loss: float) -> None:
-    b = self.cfg.budget
-    if not b.target_loss:
-      return
-    d = self.loss_decay
-    self.loop.loss_ema = d * self.loop.loss_ema + (1 - d) * loss
-    self.loop.loss_ema_count += 1
-    if not self.loop.target_step and self.loop.smoothed(d) <= b.target_loss:
-      self.loop.target_step = step

@@ -1,15 +1,18 @@
 r"""Runs every point of a sweep on this machine, N at a time, resumably.
 
   python -m launch.local --config=experiments/configs/scan.py --workdir=runs/scan \
-      [--parallel=2] [--noanalysis]
+      [--parallel=2] [--noanalysis] [--analyze_unfinished]
 
 Each point runs as `python -m experiments.train --config=FILE:ARG --workdir=POINT_DIR
 --multihost=off` with its output in SWEEP_DIR/logs/<point>.log. Points whose status.json
-says done or diverged are skipped; others (new, interrupted, failed) run, and the trainer
-resumes them from their checkpoint. A lock file per point (see launch/locks.py) keeps two
-launchers sharing a sweep from running a point twice. A failing point never stops the
-others; the exit code is 1 if any failed. Ctrl-C (SIGINT) or SIGTERM stops launching and
-sends SIGTERM to the running trainers, which checkpoint and exit; rerun to resume.
+says done or diverged are skipped; others (new, interrupted, preempted, failed) run, and the
+trainer resumes them from their checkpoint. A lock file per point (see launch/locks.py)
+keeps two launchers sharing a sweep from running a point twice. A failing point never stops
+the others. At the end every point that is not final (failed, preempted, running elsewhere,
+not started) is listed with why, the exit code is 1, and the analysis runs only with
+--analyze_unfinished. Ctrl-C (SIGINT) or SIGTERM stops launching and sends SIGTERM to the
+running trainers, which checkpoint and exit (status `preempted`); rerun to resume. Bad
+inputs exit 2 with one `error:` line.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,13 +31,14 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any
 
-from absl import app
 from absl import flags
 import tqdm
 
 from bscan import sweep as sweep_lib
+from bscan import workdir as workdir_lib
+from bscan.errors import ConfigError
+from launch import cli
 from launch import locks
-from launch import workdirs
 
 FLAGS = flags.FLAGS
 
@@ -45,7 +50,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("parallel", 1, "Points run at the same time.")
   flags.DEFINE_string(
       "trainer", "experiments.train", "Trainer module (python -m) or .py file run per point.")
-  flags.DEFINE_string("python", sys.executable, "Python interpreter for the trainer.")
+  flags.DEFINE_string("python", shlex.quote(sys.executable),
+                      "Python interpreter for the trainer (shell words).")
   flags.DEFINE_string(
       "lock_dir", "", "Where per-point locks live: a local/NFS path. Default SWEEP_DIR/.locks; "
       "for gs:// sweeps ~/.cache/bscan/locks/<sweep> (only launchers on this host see it).")
@@ -53,6 +59,9 @@ def define_flags() -> None:
       "trainer_logs", "",
       "Trainer logs. Default SWEEP_DIR/logs; ~/.cache/bscan/logs/<sweep> for gs:// sweeps.")
   flags.DEFINE_boolean("analysis", True, "Run python -m bscan.analysis at the end.")
+  flags.DEFINE_boolean(
+      "analyze_unfinished", False,
+      "Run the analysis even when some points are not final (it fits what has finished).")
   flags.DEFINE_float(
       "term_timeout_s", 120.0, "Seconds a trainer gets after SIGTERM to checkpoint, then SIGKILL.")
 
@@ -74,14 +83,6 @@ class _Running:
   term_time: float = 0.0
 
 
-def trainer_command(python: str, trainer: str, config: str, point: sweep_lib.ExpandedPoint,
-                    multihost: str = "off") -> list[str]:
-  """argv of one point's trainer run."""
-  target = [trainer] if trainer.endswith(".py") else ["-m", trainer]
-  return [python, *target, f"--config={config}:{point.arg}", f"--workdir={point.workdir}",
-          f"--multihost={multihost}"]
-
-
 def default_state_dir(sweep_dir: str, kind: str) -> str:
   """Default lock/log dir: inside a local sweep dir, under ~/.cache for a gs:// one."""
   if str(sweep_dir).startswith("gs://"):
@@ -101,6 +102,18 @@ def _last_line(path: str) -> str:
     return ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Unfinished:
+  """A point that is not final at the end of a sweep, and why."""
+
+  point: sweep_lib.ExpandedPoint
+  status: workdir_lib.Status | None
+  why: str
+
+  def __str__(self) -> str:
+    return f"{self.point.arg}: {workdir_lib.describe(self.status)}: {self.why}"
+
+
 @dataclasses.dataclass
 class LocalSweep:
   """Runs the points of a sweep as local subprocesses, at most `parallel` at a time."""
@@ -109,16 +122,24 @@ class LocalSweep:
   sweep_dir: str
   parallel: int = 1
   trainer: str = "experiments.train"
-  python: str = sys.executable
+  python: str = shlex.quote(sys.executable)  # shell words
   lock_dir: str = ""
   log_dir: str = ""
   term_timeout_s: float = 120.0
   counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+  unfinished: list[Unfinished] = dataclasses.field(default_factory=list)  # set by run()
   _stopping: int = 0
 
   def __post_init__(self):
     if self.parallel < 1:
-      raise ValueError(f"--parallel must be >= 1, got {self.parallel}")
+      raise ConfigError(f"--parallel={self.parallel}: give the number of points run at the "
+                        "same time, >= 1")
+    if self.term_timeout_s < 0:
+      raise ConfigError(f"--term_timeout_s={self.term_timeout_s}: give seconds >= 0")
+    cli.check_python("python", self.python, here=True)
+    if self.trainer.endswith(".py") and not os.path.isfile(self.trainer):
+      raise ConfigError(f"--trainer={self.trainer}: no such file; give a .py file or a module "
+                        "name such as experiments.train")
     self._default_lock_dir = not self.lock_dir
     self.lock_dir = self.lock_dir or default_state_dir(self.sweep_dir, "locks")
     self.log_dir = self.log_dir or default_state_dir(self.sweep_dir, "logs")
@@ -135,7 +156,7 @@ class LocalSweep:
     log_path = os.path.join(self.log_dir, sweep_lib.point_relpath(point.point) + ".log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     log = open(log_path, "ab")
-    cmd = trainer_command(self.python, self.trainer, self.config, point)
+    cmd = sweep_lib.trainer_command(self.python, self.trainer, self.config, point, "off")
     log.write(f"\n$ {' '.join(cmd)}\n".encode())
     log.flush()
     # The child ignores SIGINT (an ignored signal stays ignored across exec, and Python then
@@ -153,32 +174,38 @@ class LocalSweep:
     """Reads the finished point's status and returns its outcome (and counts it)."""
     r.log.close()
     r.lock.release()
-    status = workdirs.read_status(r.point.workdir)
+    status = workdir_lib.read_status_or_damaged(r.point.workdir)
     rc = r.proc.returncode
-    if workdirs.is_final(status):
-      outcome, text = workdirs.state(status), workdirs.describe(status)
+    if workdir_lib.is_final(status):
+      outcome, text = status.status, status.describe()
     elif r.terminated:
-      outcome, text = "interrupted", f"interrupted at {workdirs.describe(status)}; rerun resumes it"
+      outcome = "interrupted"
+      text = f"interrupted at {workdir_lib.describe(status)}; rerun resumes it"
+    elif status and status.status == workdir_lib.PREEMPTED:  # SIGTERM from outside
+      outcome, text = "preempted", f"{status.describe()}; rerun resumes it"
     elif rc != 0:
-      reason = (status or {}).get("reason") if (status or {}).get("status") == "failed" else ""
+      reason = status.reason if status and status.status == workdir_lib.FAILED else ""
       outcome = "failed"
       text = f"failed: {reason or f'exit code {rc}'}; last log line: {_last_line(r.log_path)!r}"
     else:
       outcome = "failed"
-      text = f"failed: trainer exited 0 but status is {workdirs.describe(status)}"
+      text = f"failed: trainer exited 0 but status is {workdir_lib.describe(status)}"
     self.counts[outcome] += 1
     self._say(f"{r.point.arg}: {text} [{time.time() - r.start:.0f}s, log {r.log_path}]")
     return outcome
 
   def run(self) -> int:
-    """Runs all unfinished points; returns the exit code (0 ok, 1 failures, 130 interrupted)."""
-    sweep = sweep_lib.load_sweep(self.config)
-    workdirs.check_access(self.sweep_dir)
+    """Runs all unfinished points; returns the exit code: 0 all final, 1 some not, 130 stopped."""
+    sweep = cli.load_sweep(self.config)
+    workdir_lib.check_usable(self.sweep_dir)
+    cli.check_local_dir("lock_dir", self.lock_dir)
+    cli.check_local_dir("trainer_logs", self.log_dir)
     sweep_lib.write_sweep_json(self.config, sweep, self.sweep_dir)
     points = sweep_lib.expand(sweep, self.sweep_dir)
     # A point whose status changes after this snapshot was run by another launcher meanwhile.
-    snapshot = {p.workdir: workdirs.read_status(p.workdir) for p in points}
-    pending = collections.deque(p for p in points if not workdirs.is_final(snapshot[p.workdir]))
+    snapshot = {p.workdir: self._read_status(p) for p in points}
+    pending = collections.deque(
+        p for p in points if not workdir_lib.is_final(snapshot[p.workdir]))
     if self.sweep_dir.startswith("gs://") and self._default_lock_dir:
       self._say(f"note: locks in {self.lock_dir} guard only against launchers on this host; "
                 "pass --lock_dir=<NFS path> to share a gs:// sweep between machines")
@@ -193,20 +220,19 @@ class LocalSweep:
       while running or (pending and not self._stopping):
         while pending and not self._stopping and len(running) < self.parallel:
           point = pending.popleft()
-          lock = locks.PointLock(
-              os.path.join(self.lock_dir, sweep_lib.point_relpath(point.point) + ".lock"))
+          lock = self._lock(point)
           if not lock.try_acquire():
             self.counts["elsewhere"] += 1
             self._say(f"{point.arg}: skipped, running in another launcher: "
                       f"{lock.describe_owner()}")
             continue
-          status = workdirs.read_status(point.workdir)
+          status = workdir_lib.read_status_or_damaged(point.workdir)
           if status != snapshot[point.workdir]:
             lock.release()
             self.counts["elsewhere"] += 1
             self._say(f"{point.arg}: skipped, another launcher ran it meanwhile: "
-                      f"{workdirs.describe(status)}")
-            bar.update(workdirs.is_final(status))
+                      f"{workdir_lib.describe(status)}")
+            bar.update(workdir_lib.is_final(status))
             continue
           running.append(self._start(point, lock))
         if self._stopping:
@@ -217,7 +243,7 @@ class LocalSweep:
           self._stop(running)
         for r in [r for r in running if r.proc.poll() is not None]:
           running.remove(r)
-          if self._finish(r) in workdirs.FINAL_STATES:
+          if self._finish(r) in workdir_lib.FINAL_STATES:
             bar.update(1)
         bar.set_postfix(running=len(running), failed=self.counts["failed"], refresh=False)
         time.sleep(0.05)
@@ -231,9 +257,43 @@ class LocalSweep:
         signal.signal(s, h)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items())) or "nothing to run"
     self._say(f"sweep {self.sweep_dir}: {summary}")
+    self.unfinished = [u for u in map(self._unfinished, points) if u]
+    if self.unfinished:
+      self._say(f"{len(self.unfinished)} of {len(points)} point(s) not finished:")
+      for u in self.unfinished:
+        self._say(f"  {u}")
     if self._stopping:
       return EXIT_INTERRUPTED
-    return EXIT_FAILED if self.counts["failed"] else 0
+    return EXIT_FAILED if self.unfinished else 0
+
+  def _lock(self, point: sweep_lib.ExpandedPoint) -> locks.PointLock:
+    return locks.PointLock(
+        os.path.join(self.lock_dir, sweep_lib.point_relpath(point.point) + ".lock"))
+
+  def _read_status(self, point: sweep_lib.ExpandedPoint) -> workdir_lib.Status | None:
+    """The point's status; a damaged status.json is said and reads as resumable 'failed'."""
+    try:
+      return workdir_lib.read_status(point.workdir)
+    except ConfigError as e:
+      self._say(f"{point.arg}: {e}")
+      return workdir_lib.Status(workdir_lib.FAILED, reason=str(e))  # = read_status_or_damaged
+
+  def _unfinished(self, point: sweep_lib.ExpandedPoint) -> Unfinished | None:
+    """Why a point is not final now (None when it is)."""
+    status = workdir_lib.read_status_or_damaged(point.workdir)
+    if workdir_lib.is_final(status):
+      return None
+    lock = self._lock(point)
+    if not lock.try_acquire():
+      return Unfinished(point, status, f"running elsewhere: {lock.describe_owner()}")
+    lock.release()
+    state = status.status if status else None
+    why = {None: "not started; rerun runs it",
+           workdir_lib.PREEMPTED: "rerun resumes it",
+           workdir_lib.FAILED: "rerun retries it, resuming from its checkpoint",
+           workdir_lib.RUNNING: "no launcher holds its lock (the trainer was killed, or runs "
+                                "outside any launcher); rerun resumes it"}[state]
+    return Unfinished(point, status, why)
 
   def _stop(self, running: Sequence[_Running]) -> None:
     """SIGTERM each trainer once (it checkpoints); SIGKILL after a timeout or a 2nd signal."""
@@ -246,7 +306,7 @@ class LocalSweep:
         r.proc.kill()
 
 
-def run_analysis(sweep_dir: str, python: str = sys.executable) -> int:
+def run_analysis(sweep_dir: str, python: str = shlex.quote(sys.executable)) -> int:
   """Runs `python -m bscan.analysis` on the sweep; returns its exit code (0 when absent)."""
   try:  # bscan.analysis is optional here: the launcher works before it exists
     available = importlib.util.find_spec("bscan.analysis.__main__") is not None
@@ -256,7 +316,7 @@ def run_analysis(sweep_dir: str, python: str = sys.executable) -> int:
     print("analysis skipped: bscan.analysis is not available", flush=True)
     return 0
   out = f"{sweep_dir.rstrip('/')}/analysis"
-  cmd = [python, "-m", "bscan.analysis", f"--workdir={sweep_dir}", f"--out={out}"]
+  cmd = [*shlex.split(python), "-m", "bscan.analysis", f"--workdir={sweep_dir}", f"--out={out}"]
   print(f"analysis: {' '.join(cmd)}", flush=True)
   rc = subprocess.run(cmd, check=False).returncode
   print(f"analysis {'written to ' + out if rc == 0 else f'failed (exit code {rc})'}", flush=True)
@@ -264,19 +324,22 @@ def run_analysis(sweep_dir: str, python: str = sys.executable) -> int:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    rc = LocalSweep(config=FLAGS.config, sweep_dir=FLAGS.workdir, parallel=FLAGS.parallel,
-                    trainer=FLAGS.trainer, python=FLAGS.python, lock_dir=FLAGS.lock_dir,
-                    log_dir=FLAGS.trainer_logs, term_timeout_s=FLAGS.term_timeout_s).run()
-  except (FileNotFoundError, ValueError, TypeError, workdirs.WorkdirError) as e:
-    sys.exit(f"error: {e}")
-  if rc != EXIT_INTERRUPTED and FLAGS.analysis and run_analysis(FLAGS.workdir, FLAGS.python):
+  cli.no_arguments(argv)
+  sweep = LocalSweep(config=FLAGS.config, sweep_dir=FLAGS.workdir, parallel=FLAGS.parallel,
+                     trainer=FLAGS.trainer, python=FLAGS.python, lock_dir=FLAGS.lock_dir,
+                     log_dir=FLAGS.trainer_logs, term_timeout_s=FLAGS.term_timeout_s)
+  rc = sweep.run()
+  if rc == EXIT_INTERRUPTED or not FLAGS.analysis:
+    sys.exit(rc)
+  if sweep.unfinished and not FLAGS.analyze_unfinished:
+    # A fit over half-trained runs looks like a result; the user must ask for it.
+    print(f"analysis not run: {len(sweep.unfinished)} point(s) not finished; rerun to finish "
+          "them, or pass --analyze_unfinished to analyze what has finished", flush=True)
+  elif run_analysis(FLAGS.workdir, FLAGS.python):
     rc = rc or EXIT_FAILED
   sys.exit(rc)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

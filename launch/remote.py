@@ -9,8 +9,6 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from bscan import sweep as sweep_lib
-
 MIN_PYTHON = (3, 11)  # what bscan's jax/flax pins need on the workers
 
 
@@ -43,13 +41,6 @@ def install_command(python: str, requirements: Sequence[str]) -> str:
           f"{sh_join([*py, '-m', 'pip', 'install', '-q', *requirements])}")
 
 
-def point_command(python: str, trainer: str, config: str, point: sweep_lib.ExpandedPoint
-                  ) -> list[str]:
-  """argv of one point's trainer run on every worker of a slice."""
-  return [*shlex.split(python), "-m", trainer, f"--config={config}:{point.arg}",
-          f"--workdir={point.workdir}", "--multihost=on"]
-
-
 def remote_start_command(commands: Sequence[Sequence[str]], remote_dir: str, name: str,
                          detach: bool = True) -> str:
   """The remote shell line that runs a slice's points in order, once, each arg quoted.
@@ -63,5 +54,5 @@ def remote_start_command(commands: Sequence[Sequence[str]], remote_dir: str, nam
   if detach:
     run = (f"nohup {run} >> {shlex.quote(name + '.log')} 2>&1 < /dev/null & "
            f"echo started {shlex.quote(name)}, log in {shlex.quote(remote_dir + '/' + name)}.log")
-  return (f"cd {shlex.quote(remote_dir)} && exec 9>> {shlex.quote(name + '.lock')} && "
+  return (f"cd {sh_quote(remote_dir)} && exec 9>> {shlex.quote(name + '.lock')} && "
           f"if flock -n 9; then {run}; else echo already-running {shlex.quote(name)}; fi")

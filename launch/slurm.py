@@ -12,6 +12,8 @@ JAX_LOCAL_DEVICE_IDS=0,...,G-1. Points already done or diverged are not submitte
 timeout or preemption, submitit signals the job, which sends SIGTERM to the trainer (it
 checkpoints) and requeues the point; the rerun resumes. --render_only prints the sbatch
 script and each point's command and submits nothing. Needs the `slurm` extra (submitit).
+Text that lands in the sbatch script (names, partitions, paths, --setup lines) is checked
+first: a newline or a character sbatch would misread is one `error:` line, exit 2.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app
 from absl import flags
 
 from bscan import sweep as sweep_lib
-from launch import workdirs
+from bscan import workdir as workdir_lib
+from bscan.errors import ConfigError
+from launch import cli
 
 try:
   import submitit
@@ -70,6 +73,20 @@ def define_flags() -> None:
 
 
 _MEM_RE = re.compile(r"^[0-9]+[KMGT]?B?$")
+# What an #SBATCH line holds verbatim. submitit shell-quotes any other value, and sbatch
+# keeps single quotes as part of it, ends it at whitespace or '#', and reads a newline as
+# the start of a new directive (an injected `#SBATCH ...`).
+_SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]*$")
+_SBATCH_SAFE_TEXT = "letters, digits and _@%+=:,./-"
+
+
+def check_sbatch_value(flag: str, value: str) -> str:
+  """Returns value; ConfigError naming the flag when sbatch would misread it."""
+  if _SBATCH_SAFE.fullmatch(value):
+    return value
+  bad = "".join(sorted({c for c in value if not _SBATCH_SAFE.fullmatch(c)}))
+  raise ConfigError(f"--{flag}={value!r}: {bad!r} cannot go into an #SBATCH line (sbatch would "
+                    f"misread it); use only {_SBATCH_SAFE_TEXT}")
 
 
 @dataclasses.dataclass
@@ -81,18 +98,18 @@ class TrainPoint:
   gpus_per_node: int = 0
 
   def __call__(self) -> str:
-    status = workdirs.read_status(self.workdir)
-    if workdirs.is_final(status):  # e.g. requeued after it finished
-      return workdirs.describe(status)
+    status = workdir_lib.read_status_or_damaged(self.workdir)
+    if workdir_lib.is_final(status):  # e.g. requeued after it finished
+      return status.describe()
     env = dict(os.environ)
     if self.gpus_per_node:  # one process per node drives all of the node's GPUs
       env.setdefault("JAX_LOCAL_DEVICE_IDS", ",".join(map(str, range(self.gpus_per_node))))
     self._proc = subprocess.Popen(self.argv, env=env)
     rc = self._proc.wait()
-    status = workdirs.read_status(self.workdir)
-    if rc != 0 or not workdirs.is_final(status):
-      raise RuntimeError(f"trainer exited with code {rc}; {workdirs.describe(status)}")
-    return workdirs.describe(status)
+    status = workdir_lib.read_status_or_damaged(self.workdir)
+    if rc != 0 or not workdir_lib.is_final(status):  # preempted too: submitit requeues it
+      raise RuntimeError(f"trainer exited with code {rc}; {workdir_lib.describe(status)}")
+    return status.describe()
 
   def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
     """Called by submitit before timeout/preemption: let the trainer checkpoint, requeue."""
@@ -111,12 +128,24 @@ class TrainPoint:
 def slurm_parameters(*, job_name: str, partition: str, time: int, nodes: int, gpus_per_node: int,
                      cpus_per_task: int, mem: str, account: str, qos: str, constraint: str,
                      exclude: str, setup: Sequence[str], max_parallel: int) -> dict[str, Any]:
-  """sbatch parameters (submitit's names); empty values are left to the cluster's defaults."""
-  if mem and not _MEM_RE.match(mem):
-    raise ValueError(f"--mem={mem!r} is not a SLURM memory size like 64G or 500000M")
-  if nodes < 1 or gpus_per_node < 0 or time < 1:
-    raise ValueError(f"need --nodes >= 1, --gpus_per_node >= 0, --time >= 1; got {nodes}, "
-                     f"{gpus_per_node}, {time}")
+  """sbatch parameters (submitit's names); empty values are left to the cluster's defaults.
+
+  ConfigError, naming the flag, for a value that is out of range or that sbatch would misread.
+  """
+  if mem and not _MEM_RE.fullmatch(mem):
+    raise ConfigError(f"--mem={mem!r} is not a SLURM memory size like 64G or 500000M")
+  minimums = {"nodes": (nodes, 1), "time": (time, 1), "max_parallel": (max_parallel, 1),
+              "gpus_per_node": (gpus_per_node, 0), "cpus_per_task": (cpus_per_task, 0)}
+  for flag, (value, least) in minimums.items():
+    if value < least:
+      raise ConfigError(f"--{flag}={value}: must be >= {least}")
+  if not job_name:
+    raise ConfigError("--job_name is empty; give a name such as bscan")
+  for flag, value in (("job_name", job_name), ("partition", partition), ("account", account),
+                      ("qos", qos), ("constraint", constraint), ("exclude", exclude)):
+    check_sbatch_value(flag, value)
+  for line in setup:  # shell lines by design: one line each, so no #SBATCH can hide in one
+    cli.check_one_line("setup", line)
   params: dict[str, Any] = {
       "job_name": job_name, "time": time, "nodes": nodes, "ntasks_per_node": 1,
       "array_parallelism": max_parallel, "partition": partition, "account": account,
@@ -126,17 +155,9 @@ def slurm_parameters(*, job_name: str, partition: str, time: int, nodes: int, gp
   return {k: v for k, v in params.items() if v not in ("", 0, [])}
 
 
-def trainer_argv(python: str, trainer: str, config: str, point: sweep_lib.ExpandedPoint,
-                 nodes: int) -> list[str]:
-  """One point's trainer command (run on every node of its job)."""
-  target = [trainer] if trainer.endswith(".py") else ["-m", trainer]
-  return [*shlex.split(python), *target, f"--config={config}:{point.arg}",
-          f"--workdir={point.workdir}", f"--multihost={'on' if nodes > 1 else 'off'}"]
-
-
 def render(params: dict[str, Any], folder: str, python: str, n_points: int) -> str:
   """The sbatch script submitit would submit for n_points points (an array when > 1)."""
-  command = " ".join([shlex.quote(python), "-u -m submitit.core._submit",
+  command = " ".join([python, "-u -m submitit.core._submit",  # shell words, as submitit
                       shlex.quote(os.path.join(folder, "%j"))])
   return submitit_slurm._make_sbatch_string(  # pylint: disable=protected-access
       command=command, folder=os.path.join(folder, "%j"),
@@ -156,38 +177,49 @@ def _executor(kind: str, folder: str, python: str, params: dict[str, Any]) -> An
   return executor
 
 
+def job_folder(sweep_dir: str, slurm_dir: str) -> str:
+  """The absolute submitit folder; ConfigError when sbatch's --output could not hold it."""
+  if slurm_dir:
+    return os.path.abspath(check_sbatch_value("slurm_dir", slurm_dir))
+  if "://" in sweep_dir:
+    raise ConfigError(f"--workdir={sweep_dir}: a gs:// sweep needs --slurm_dir on a shared "
+                      "file system for the job files")
+  folder = os.path.abspath(os.path.join(sweep_dir, "slurm"))
+  if not _SBATCH_SAFE.fullmatch(folder):  # it lands in #SBATCH --output
+    raise ConfigError(f"--workdir={sweep_dir}: the job logs' path {folder!r} cannot go into an "
+                      f"#SBATCH line; pass --slurm_dir=PATH with only {_SBATCH_SAFE_TEXT}")
+  return folder
+
+
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   if submitit is None:
-    sys.exit("error: launch.slurm needs submitit: pip install 'bscan[slurm]'")
+    raise ConfigError("launch.slurm needs submitit: pip install 'bscan[slurm]'")
   sweep_dir = FLAGS.workdir
-  folder = FLAGS.slurm_dir or ("" if sweep_dir.startswith("gs://") else
-                             os.path.join(sweep_dir, "slurm"))
-  try:
-    if not folder:
-      raise ValueError("a gs:// sweep needs --slurm_dir on a shared file system for job files")
-    # Nodes may start elsewhere: give them an absolute config path.
-    config = os.path.abspath(FLAGS.config)
-    sweep = sweep_lib.load_sweep(config)
-    params = slurm_parameters(
-        job_name=FLAGS.job_name, partition=FLAGS.partition, time=FLAGS.time,
-        nodes=FLAGS.nodes, gpus_per_node=FLAGS.gpus_per_node, cpus_per_task=FLAGS.cpus_per_task,
-        mem=FLAGS.mem, account=FLAGS.account, qos=FLAGS.qos, constraint=FLAGS.constraint,
-        exclude=FLAGS.exclude, setup=FLAGS.setup, max_parallel=FLAGS.max_parallel)
-    points = sweep_lib.expand(sweep, sweep_dir)
-    if not FLAGS.render_only:
-      workdirs.check_access(sweep_dir)
-      sweep_lib.write_sweep_json(config, sweep, sweep_dir)
-      points = [p for p in points if not workdirs.is_final(workdirs.read_status(p.workdir))]
-  except (FileNotFoundError, ValueError, TypeError, workdirs.WorkdirError) as e:
-    sys.exit(f"error: {e}")
-  python = FLAGS.python or sys.executable
-  commands = [trainer_argv(python, FLAGS.trainer, config, p, FLAGS.nodes) for p in points]
+  folder = job_folder(sweep_dir, FLAGS.slurm_dir)
+  # The command runs on the nodes: the interpreter is checked for form, not existence here.
+  python = cli.check_python("python", FLAGS.python or shlex.quote(sys.executable), here=False)
+  # Nodes may start elsewhere: give them an absolute config path.
+  config = os.path.abspath(FLAGS.config)
+  sweep = cli.load_sweep(config)
+  params = slurm_parameters(
+      job_name=FLAGS.job_name, partition=FLAGS.partition, time=FLAGS.time,
+      nodes=FLAGS.nodes, gpus_per_node=FLAGS.gpus_per_node, cpus_per_task=FLAGS.cpus_per_task,
+      mem=FLAGS.mem, account=FLAGS.account, qos=FLAGS.qos, constraint=FLAGS.constraint,
+      exclude=FLAGS.exclude, setup=FLAGS.setup, max_parallel=FLAGS.max_parallel)
+  points = sweep_lib.expand(sweep, sweep_dir)
+  if not FLAGS.render_only:
+    workdir_lib.check_usable(sweep_dir)
+    sweep_lib.write_sweep_json(config, sweep, sweep_dir)
+    points = [p for p in points
+              if not workdir_lib.is_final(workdir_lib.read_status_or_damaged(p.workdir))]
+  multihost = "on" if FLAGS.nodes > 1 else "off"
+  commands = [sweep_lib.trainer_command(python, FLAGS.trainer, config, p, multihost)
+              for p in points]
   if FLAGS.render_only:
     for p, cmd in zip(points, commands):
       print(f"# point {p.arg}\n#   {shlex.join(cmd)}")
-    print(render(params, os.path.abspath(folder), python, len(points)))
+    print(render(params, folder, python, len(points)))
     return
   if not points:
     print("every point is done or diverged; nothing to submit")
@@ -201,18 +233,21 @@ def main(argv: Sequence[str]) -> None:
   if not FLAGS.wait:
     print(f"submitted {len(jobs)} jobs; logs in {folder}; `squeue --me` to follow")
     return
-  failed = 0
+  unfinished = 0
   for p, job in zip(points, jobs):
     try:
       print(f"{p.arg}: {job.result()}")
     except Exception as e:  # submitit re-raises the job's error with its traceback
-      failed += 1
+      unfinished += 1
       lines = str(e).strip().splitlines() or [repr(e)]
-      print(f"{p.arg}: failed: " + next((l.strip() for l in reversed(lines)
-                                         if "trainer exited" in l), lines[0]))
-  sys.exit(1 if failed else 0)
+      line = next((l.strip() for l in reversed(lines) if "trainer exited" in l), lines[0])
+      if f"; {workdir_lib.PREEMPTED} (" in line:  # SIGTERM outside submitit's requeue
+        print(f"{p.arg}: preempted: {line}; rerun resumes it")
+      else:
+        print(f"{p.arg}: failed: {line}")
+  sys.exit(1 if unfinished else 0)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -28,6 +28,11 @@ Python on the workers: bscan needs Python >= 3.11 but the default TPU VM images 
 ~/bscan-venv`, skipped when the venv exists; the package is pip installed into it and
 points run with ~/bscan-venv/bin/python. --remote_python=/usr/bin/python3.11 (any
 interpreter >= 3.11 on the workers) uses that interpreter instead and makes no venv.
+
+Inputs are checked here before any gcloud call: zone, accelerator type and names; --package
+and --pip_extra must be local paths or pip requirements; --remote_dir (it ends up in an scp
+destination, which the legacy scp protocol expands in the worker's shell) only plain path
+characters. A bad input is one `error:` line, exit 2.
 """
 
 from __future__ import annotations
@@ -46,16 +51,22 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from absl import app
 from absl import flags
+from packaging import requirements
 
 from bscan import sweep as sweep_lib
+from bscan import workdir as workdir_lib
+from bscan.errors import ConfigError
+from launch import cli
 from launch import remote
-from launch import workdirs
 
 ACTIONS = ("create", "run", "up", "status", "delete")
 ZONE_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 ACCELERATOR_RE = re.compile(r"^(v2|v3|v4|v5p|v5litepod|v6e)-([0-9]+)$")
+TPU_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# Plain path characters only: no shell word splitting, globbing, expansion or 'host:' part.
+REMOTE_DIR_RE = re.compile(r"^[A-Za-z0-9._/~-]+$")
+_LOCAL_PACKAGE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".zip")
 # Default TPU VM images per generation (cloud.google.com/tpu/docs/runtimes).
 RUNTIMES = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
             "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite", "v6e": "v2-alpha-tpuv6e"}
@@ -121,20 +132,54 @@ def subprocess_runner(argv: Sequence[str], capture: bool) -> str:
 
 
 def validate_zone(zone: str) -> str:
-  """Returns zone, or raises ValueError for strings gcloud would reject (us-central2-b)."""
-  if not zone or not ZONE_RE.match(zone):
-    raise ValueError(f"--zone={zone!r} is not a zone like us-central2-b or europe-west4-a")
+  """Returns zone, or raises ConfigError for strings gcloud would reject (us-central2-b)."""
+  if not zone or not ZONE_RE.fullmatch(zone):
+    raise ConfigError(f"--zone={zone!r} is not a zone like us-central2-b or europe-west4-a")
   return zone
 
 
 def validate_accelerator(accelerator: str) -> str:
-  """Returns the TPU generation of e.g. 'v4-8'; ValueError for malformed types."""
-  m = ACCELERATOR_RE.match(accelerator or "")
+  """Returns the TPU generation of e.g. 'v4-8'; ConfigError for malformed types."""
+  m = ACCELERATOR_RE.fullmatch(accelerator or "")
   n = int(m.group(2)) if m else 0
   if not m or n < 1 or n & (n - 1) or (m.group(1) in ("v2", "v3", "v4", "v5p") and n < 8):
-    raise ValueError(f"--accelerator_type={accelerator!r} is not a TPU type like v4-8, "
+    raise ConfigError(f"--accelerator_type={accelerator!r} is not a TPU type like v4-8, "
                      "v5litepod-16, v5p-128 or v6e-8 (generation-cores/chips, a power of 2)")
   return m.group(1)
+
+
+def validate_remote_dir(remote_dir: str) -> str:
+  """Returns remote_dir; ConfigError unless it holds only plain path characters."""
+  if not REMOTE_DIR_RE.fullmatch(remote_dir) or remote_dir.startswith("-"):
+    raise ConfigError(f"--remote_dir={remote_dir!r}: use only letters, digits and ._/~- (not "
+                      "first '-'): it lands in an scp destination, which the worker's shell "
+                      "expands")
+  return remote_dir
+
+
+def validate_package(flag: str, value: str) -> str:
+  """Returns value: an existing local path or one pip requirement; ConfigError otherwise.
+
+  Checked here so that a typo fails once, before any worker installs anything.
+  """
+  if os.path.exists(value) and "://" not in value:
+    return value
+  cli.check_one_line(flag, value)
+  example = "e.g. 'bscan @ git+https://github.com/ORG/bscan@COMMIT' or ./dist/bscan-0.1.0.tar.gz"
+  if value.startswith("-"):  # pip would take it as an option (-e, -r, --index-url ...)
+    raise ConfigError(f"--{flag}={value!r}: pip would read it as an option; give one "
+                      f"requirement or a local path, {example}")
+  if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", value):  # a bare URL, which pip accepts
+    return value
+  if value.endswith(_LOCAL_PACKAGE_SUFFIXES) or value.startswith(("/", "./", "../", "~")):
+    raise ConfigError(f"--{flag}={value!r}: no such file or directory here; build it first "
+                      "or fix the path")
+  try:
+    requirements.Requirement(value)
+  except requirements.InvalidRequirement as e:
+    raise ConfigError(f"--{flag}={value!r} is neither a local path nor a pip requirement "
+                      f"({str(e).splitlines()[0]}); {example}") from e
+  return value
 
 
 def default_prefix(sweep_dir: str) -> str:
@@ -180,16 +225,27 @@ class TpuLauncher:
     generation = validate_accelerator(self.accelerator_type)
     self.runtime_version = self.runtime_version or RUNTIMES[generation]
     if self.points_per_slice < 1:
-      raise ValueError(f"--points_per_slice must be >= 1, got {self.points_per_slice}")
+      raise ConfigError(f"--points_per_slice={self.points_per_slice}: must be >= 1")
+    if self.poll_s <= 0 or self.wait_timeout_s < 0:
+      raise ConfigError(f"--poll_s={self.poll_s} must be > 0 and --wait_timeout_s="
+                        f"{self.wait_timeout_s} >= 0")
     if not self.sweep_dir.startswith("gs://"):
-      raise ValueError(f"--workdir={self.sweep_dir!r}: TPU workers write results to Cloud "
-                       "Storage; use gs://BUCKET/PATH")
+      raise ConfigError(f"--workdir={self.sweep_dir!r}: TPU workers write results to Cloud "
+                        "Storage; use gs://BUCKET/PATH")
     self.name_prefix = self.name_prefix or default_prefix(self.sweep_dir)
-    if not re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", self.name_prefix):
-      raise ValueError(f"--name_prefix={self.name_prefix!r}: lowercase letters, digits, '-'")
+    for flag, name in (("name_prefix", self.name_prefix), ("tpu_name", self.tpu_name)):
+      if name and not TPU_NAME_RE.fullmatch(name):
+        raise ConfigError(f"--{flag}={name!r}: use lowercase letters, digits and '-', starting "
+                          "with a letter")
     if not self.remote_python and not self.remote_venv:
-      raise ValueError("give --remote_venv or --remote_python")
-    self.sweep = sweep_lib.load_sweep(self.config)
+      raise ConfigError("--remote_venv and --remote_python are both empty; give one")
+    for flag in ("remote_python", "remote_venv", "remote_python_version", "trainer"):
+      cli.check_one_line(flag, getattr(self, flag))
+    validate_remote_dir(self.remote_dir)
+    validate_package("package", self.package)
+    for extra in self.pip_extra:
+      validate_package("pip_extra", extra)
+    self.sweep = cli.load_sweep(self.config)
     self.points = sweep_lib.expand(self.sweep, self.sweep_dir)
 
   def slices(self) -> dict[str, list[sweep_lib.ExpandedPoint]]:
@@ -218,7 +274,8 @@ class TpuLauncher:
       return self.slices()
     result = {}
     for name, points in self.slices().items():
-      todo = [p for p in points if not workdirs.is_final(workdirs.read_status(p.workdir))]
+      todo = [p for p in points
+              if not workdir_lib.is_final(workdir_lib.read_status_or_damaged(p.workdir))]
       if todo:
         result[name] = todo
       else:
@@ -261,9 +318,9 @@ class TpuLauncher:
     if self.dry_run:
       return
     if shutil.which(self.gcloud) is None:
-      raise CommandError(f"{self.gcloud!r} not found: install the Google Cloud SDK "
-                         "(cloud.google.com/sdk) or use --dry_run")
-    workdirs.check_access(self.sweep_dir)
+      raise ConfigError(f"--gcloud={self.gcloud!r} not found: install the Google Cloud SDK "
+                        "(cloud.google.com/sdk) or use --dry_run")
+    workdir_lib.check_usable(self.sweep_dir)
     sweep_lib.write_sweep_json(self.config, self.sweep, self.sweep_dir)
 
   def create(self) -> int:
@@ -325,7 +382,7 @@ class TpuLauncher:
   def setup(self, node: str) -> None:
     """Copies the config (and a local package) to every worker; makes the venv; pip installs."""
     files, requirement = self._package_files()
-    self._run(self._ssh(node, f"mkdir -p {shlex.quote(self.remote_dir + '/configs')}"))
+    self._run(self._ssh(node, f"mkdir -p {remote.sh_quote(self.remote_dir + '/configs')}"))
     self._run(self._gcloud("tpu-vm", "scp", self.config, f"{node}:{self.remote_dir}/configs/",
                            "--worker=all", "--quiet"))
     if files:
@@ -339,7 +396,8 @@ class TpuLauncher:
   def start(self, node: str, points: Sequence[sweep_lib.ExpandedPoint]) -> None:
     """Starts the slice's points on all workers (in the background unless --nodetach)."""
     config = "configs/" + os.path.basename(self.config)
-    commands = [remote.point_command(self.python, self.trainer, config, p) for p in points]
+    commands = [sweep_lib.trainer_command(self.python, self.trainer, config, p, "on")
+                for p in points]
     argv = self._ssh(node, remote.remote_start_command(commands, self.remote_dir, node, self.detach))
     if not self.detach:  # the points' output streams here; so does an already-running line
       self._run(argv)
@@ -399,10 +457,11 @@ class TpuLauncher:
       self._run(self._gcloud("queued-resources", "list", f"--filter=name~{self.name_prefix}-"))
     if self.dry_run:
       return
-    workdirs.check_access(self.sweep_dir)
+    workdir_lib.check_usable(self.sweep_dir)
     for name, points in self.slices().items():
       for p in points:
-        self._say(f"{name} {p.arg}: {workdirs.describe(workdirs.read_status(p.workdir))}")
+        status = workdir_lib.read_status_or_damaged(p.workdir)
+        self._say(f"{name} {p.arg}: {workdir_lib.describe(status)}")
 
   def delete(self) -> None:
     """Deletes the queued resources (and their TPU VMs) this sweep created."""
@@ -415,7 +474,7 @@ class TpuLauncher:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2 or argv[1] not in ACTIONS:
-    raise app.UsageError(f"give one action: {' | '.join(ACTIONS)} (got {list(argv[1:])})")
+    raise ConfigError(f"give one action: {' | '.join(ACTIONS)} (got {list(argv[1:])})")
   provisioning = ("spot" if FLAGS.spot else "reserved" if FLAGS.reserved else
                   "best_effort" if FLAGS.best_effort else FLAGS.provisioning)
   try:
@@ -439,11 +498,11 @@ def main(argv: Sequence[str]) -> None:
     elif action == "delete":
       launcher.delete()
     rc = launcher.report()
-  except (FileNotFoundError, ValueError, TypeError, CommandError, workdirs.WorkdirError) as e:
+  except CommandError as e:  # gcloud failed outside a slice (status, delete): not bad input
     sys.exit(f"error: {e}")
   sys.exit(rc)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

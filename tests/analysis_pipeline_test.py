@@ -7,9 +7,11 @@ import warnings
 import numpy as np
 import pytest
 
+from bscan import workdir as wd
 from bscan.analysis import load
 from bscan.analysis import pipeline
 from bscan.analysis import synthetic
+from bscan.errors import ConfigError
 
 # Low-noise scan, two model sizes, eight batch sizes around B_crit: a correctness check.
 RECOVERY = synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:],
@@ -85,3 +87,28 @@ def test_min_step_and_window_reach_the_noise_cloud_and_summary():
   assert len(result.cloud) > 100
   summary = result.summary()
   assert summary["min_step"] == 200.0 and summary["window"] == 0.05
+
+
+def test_a_half_trained_run_holds_back_its_unreached_targets_and_says_so():
+  scan = synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:], targets=(1.8, 2.0, 2.2),
+                        batch_sequences=(16, 32, 64, 128, 256), run_noise=0.0, loss_noise=0.003)
+  runs = synthetic.simulate_runs(scan)
+  idx = 0  # 3m, the smallest batch: stopped (preempted) between 2.0 and 1.8
+  last = float(scan.truth.steps(1.9, runs.loc[idx, "batch_tokens"], scan.sizes[0]))
+  keep = runs.loc[idx, wd.Col.STEP] <= last
+  for key in (wd.Col.STEP, *load.CURVE_KEYS):
+    runs.at[idx, key] = runs.loc[idx, key][keep]
+  runs.at[idx, "status"] = wd.PREEMPTED
+  result = pipeline.analyze(runs, targets=scan.targets)
+  fitted = set(zip(result.critical["size"], result.critical["target"]))
+  assert ("3m", 1.8) not in fitted and {("3m", 2.0), ("3m", 2.2), ("10m", 1.8)} <= fitted
+  assert result.summary()["pending"] == [
+      {"size": "3m", "target": 1.8, "runs": [runs.loc[idx, "name"]]}]
+
+
+def test_bad_targets_and_confidence_are_config_errors():
+  runs = synthetic.simulate_runs(synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2]))
+  for kwargs in ({"targets": [-1.0]}, {"targets": [float("nan")]}, {"confidence": 1.5},
+                 {"loss": "test"}):
+    with pytest.raises(ConfigError):
+      pipeline.analyze(runs, **{"targets": [2.0], **kwargs})

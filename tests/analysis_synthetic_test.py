@@ -1,10 +1,12 @@
 """Tests for bscan.analysis.synthetic: the ground-truth model and the workdir format it writes."""
 
-import json
-
 import numpy as np
 
+from bscan import sweep
+from bscan import workdir as wd
 from bscan.analysis import synthetic
+
+Col = wd.Col
 
 SIZE = synthetic.DEFAULT_SIZES[1]
 
@@ -21,20 +23,25 @@ def test_truth_is_consistent():
 
 
 def test_written_sweep_follows_the_contract(tmp_path):
+  """The fake runs are written and read back by bscan.workdir, as the trainer's are."""
   scan = synthetic.Scan(sizes=(SIZE,), batch_sequences=(16, 64, 256))
   root = synthetic.write_sweep(tmp_path, scan, messy=False)
-  assert json.loads((root / "sweep.json").read_text()) == {"targets": list(scan.targets)}
-  run = root / "3m_b64_lr0.001_s0"
-  config = json.loads((run / "config.json").read_text())
-  assert config["arg"] == "size=3m,batch=64,lr=0.001,seed=0"
-  derived = config["derived"]
-  assert derived["batch_tokens"] == 64 * 128 and derived["n_params"] == SIZE.n_params
-  records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-  assert records[0]["step"] == 1 and records[0]["b_simple_tokens"] is None
-  assert all(r["tokens"] == r["step"] * 64 * 128 for r in records)
-  assert sum("eval_loss" in r for r in records) > 10
-  status = json.loads((run / "status.json").read_text())
-  assert status["status"] == "done" and status["step"] == records[-1]["step"]
+  recorded = sweep.read_sweep_json(str(root))
+  assert recorded["targets"] == list(scan.targets)
+  assert [p["relpath"] for p in recorded["points"]] == [
+      "3m/b16/lr1e-3/s0", "3m/b64/lr1e-3/s0", "3m/b256/lr1e-3/s0"]
+  run = root / "3m/b64/lr1e-3/s0"
+  config = wd.read_config(run)
+  assert config.arg == "size=3m,batch=64,lr=0.001,seed=0"
+  plan = wd.RunPlan.from_dict(config.derived)
+  assert plan.batch_tokens == 64 * 128 and plan.n_params == SIZE.n_params
+  rows, bad = wd.read_metrics(run)
+  assert not bad
+  assert rows[0][Col.STEP] == 1 and rows[0][Col.B_SIMPLE_TOKENS] is None
+  assert all(r[Col.TOKENS] == r[Col.STEP] * 64 * 128 for r in rows)
+  assert sum(Col.EVAL_LOSS in r for r in rows) > 10
+  status = wd.read_status(run)
+  assert status.status == wd.DONE and status.step == rows[-1][Col.STEP]
 
 
 def test_runs_stop_after_the_lowest_target_or_at_the_cap():

@@ -4,8 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bscan import workdir as wd
+from bscan.analysis import load
 from bscan.analysis import synthetic
 from bscan.analysis import targets
+
+Col = wd.Col
 
 
 def _log_linear(step):
@@ -199,3 +203,69 @@ def test_skewed_noise_is_not_trimmed():
   loss[1000] += 3.0  # ... while a real outlier is dropped
   np.testing.assert_allclose(targets.smooth_log_window(step, loss)[[950, 1000, 1050]],
                              robust[[950, 1000, 1050]], atol=2e-3)
+
+
+# --- unfinished runs: steps to a target are final once reached; the rest is pending ---
+
+PENDING_SCAN = synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2],
+                              batch_sequences=(16, 32, 64, 128, 256), targets=(1.8, 2.0, 2.2),
+                              run_noise=0.0, loss_noise=0.003)
+
+
+def _cut(runs, idx, status, at_loss):
+  """Run `idx` as it was when its true loss first reached `at_loss`, now with `status`."""
+  runs = runs.copy()
+  run = runs.loc[idx]
+  last = float(PENDING_SCAN.truth.steps(at_loss, run["batch_tokens"], PENDING_SCAN.sizes[0]))
+  keep = run[Col.STEP] <= last
+  for key in (Col.STEP, *load.CURVE_KEYS):
+    runs.at[idx, key] = run[key][keep]
+  keep_eval = run[load.EVAL_STEP] <= last
+  for key in (load.EVAL_STEP, Col.EVAL_LOSS):
+    runs.at[idx, key] = run[key][keep_eval]
+  runs.at[idx, "status"] = status
+  return runs
+
+
+def test_unfinished_run_counts_for_reached_targets_and_holds_back_the_rest():
+  done = synthetic.simulate_runs(PENDING_SCAN)
+  running = _cut(done, 0, wd.RUNNING, at_loss=1.9)  # the smallest batch, between 2.0 and 1.8
+  per_run = targets.steps_to_targets(running, PENDING_SCAN.targets)
+  pending = targets.pending_targets(per_run)
+  assert pending["target"].tolist() == [1.8]
+  assert pending["runs"].tolist() == [[running.loc[0, "name"]]]
+  assert pending["statuses"].tolist() == [[wd.RUNNING]]
+  best = targets.best_steps(per_run)
+  assert sorted(best["target"].unique()) == [2.0, 2.2]  # 1.8 is left out, not fitted on 4 sizes
+  assert best.groupby("target")["batch_tokens"].nunique().tolist() == [5, 5]
+  # Steps to the reached targets are what the finished run gives.
+  full = targets.best_steps(targets.steps_to_targets(done, PENDING_SCAN.targets))
+  full = full[full["target"] >= 2.0].reset_index(drop=True)
+  np.testing.assert_allclose(best["steps"], full["steps"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("status", [wd.RUNNING, wd.FAILED, wd.PREEMPTED, load.UNKNOWN])
+def test_every_unfinished_status_holds_back_unreached_targets(status):
+  runs = _cut(synthetic.simulate_runs(PENDING_SCAN), 2, status, at_loss=2.1)
+  pending = targets.pending_targets(targets.steps_to_targets(runs, PENDING_SCAN.targets))
+  assert pending["target"].tolist() == [1.8, 2.0]
+
+
+@pytest.mark.parametrize("status", [wd.DONE, wd.DIVERGED])
+def test_ended_runs_hold_back_nothing(status):
+  runs = _cut(synthetic.simulate_runs(PENDING_SCAN), 0, status, at_loss=2.1)
+  per_run = targets.steps_to_targets(runs, PENDING_SCAN.targets)
+  assert targets.pending_targets(per_run).empty
+  best = targets.best_steps(per_run)
+  assert best.groupby("target")["batch_tokens"].nunique().to_dict() == {1.8: 4, 2.0: 4, 2.2: 5}
+
+
+def test_a_crossing_just_before_the_last_step_is_not_final_yet():
+  """A running run whose smoothing window past the crossing is not yet logged is pending."""
+  step = np.arange(1, 1001, dtype=float)
+  runs = pd.DataFrame([{"name": "r", "status": wd.RUNNING, "size": "s", "n_params": 1.0,
+                        "batch_tokens": 64.0, "learning_rate": 1e-3, "seed": 0,
+                        Col.STEP: step, Col.TRAIN_LOSS: _log_linear(step)}])
+  per_run = targets.steps_to_targets(runs, [float(_log_linear(s)) for s in (500.0, 950.0)])
+  assert np.isfinite(per_run["steps"][0]) and not per_run["pending"][0]  # 500 * e^0.1 < 1000
+  assert np.isnan(per_run["steps"][1]) and per_run["pending"][1]

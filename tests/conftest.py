@@ -19,18 +19,19 @@ def make_data_cfg(data_dir: str, **overrides):
   Overrides named seed, seq_len or batch_size set those; any other sets cfg.data.<name>.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from experiments.configs import base  # pylint: disable=g-import-not-at-top
+  defaults = base.get_base_config()  # the one place defaults live
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
   cfg.seq_len = 32
   cfg.batch_size = 16
-  cfg.data = ml_collections.ConfigDict(dict(
-      name="pystdlib", tfds_name="", text_key="text", data_dir=str(data_dir), glob="",
-      include_tests=False, max_files=PYSTDLIB_TEST_FILES, train_split="train",
-      eval_split="validation", eval_sequences=8, worker_count=0))
+  cfg.data = defaults.data
+  cfg.data.update(dict(data_dir=str(data_dir), max_files=PYSTDLIB_TEST_FILES, eval_sequences=8,
+                       shuffle_window=4096))
   for key, value in overrides.items():
     (cfg if key in ("seed", "seq_len", "batch_size") else cfg.data)[key] = value
-  cfg.tokenizer = ml_collections.ConfigDict(dict(
-      name="bytes", vocab_size=512, path="", encoding="", train_bytes=300_000))
+  cfg.tokenizer = defaults.tokenizer
+  cfg.tokenizer.update(dict(vocab_size=512, train_bytes=300_000))
   return cfg
 
 
@@ -44,3 +45,15 @@ def pystdlib_cfg(tmp_path_factory):
   cfg = make_data_cfg(str(tmp_path_factory.mktemp("tensorflow_datasets")))
   data.get_source(cfg, cfg.data.train_split)  # builds it
   return cfg
+
+
+@pytest.fixture(scope="session")
+def reference(pystdlib_cfg, tmp_path_factory):
+  """An uninterrupted tiny 12-step run (tests/tiny_run.py): its config, workdir and rows."""
+  from bscan import train  # pylint: disable=g-import-not-at-top
+  from experiments.configs import base  # pylint: disable=g-import-not-at-top
+  import tiny_run  # pylint: disable=g-import-not-at-top
+  cfg = tiny_run.tiny(base.get_base_config(), pystdlib_cfg)
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  assert train.run(cfg, workdir) == "done"
+  return cfg, tiny_run.rows(workdir), workdir

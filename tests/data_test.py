@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from bscan import data
 from bscan import datasets
 from bscan import tokenizers
+from bscan.errors import ConfigError
 
 
 def _take(it, n: int) -> list[np.ndarray]:
@@ -180,12 +181,12 @@ def test_unigram_entropy(tmp_path, pystdlib_cfg):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("data.name", "c4", r"cfg.data.name='c4' is unknown"),
-    ("tokenizer.name", "wordpiece", r"cfg.tokenizer.name='wordpiece' is unknown"),
-    ("data.eval_sequences", 0, r"cfg.data.eval_sequences=0"),
-    ("data.worker_count", -1, r"cfg.data.worker_count=-1"),
-    ("data.max_files", 1, r"cfg.data.max_files=1"),
-    ("tokenizer.vocab_size", 100, r"cfg.tokenizer.vocab_size=100"),
+    ("data.name", "c4", r"data.name='c4' is unknown"),
+    ("tokenizer.name", "wordpiece", r"tokenizer.name='wordpiece' is unknown"),
+    ("data.eval_sequences", 0, r"data.eval_sequences=0"),
+    ("data.worker_count", -1, r"data.worker_count=-1"),
+    ("data.max_files", 1, r"data.max_files=1"),
+    ("tokenizer.vocab_size", 100, r"tokenizer.vocab_size=100"),
 ])
 def test_validate_data_config_errors(pystdlib_cfg, field, value, message):
   cfg = copy.deepcopy(pystdlib_cfg)
@@ -193,26 +194,26 @@ def test_validate_data_config_errors(pystdlib_cfg, field, value, message):
     cfg.tokenizer.name = "sentencepiece"
   group, name = field.split(".")
   cfg[group][name] = value
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ConfigError, match=message):
     data.validate_data_config(cfg)
 
 
 def test_validate_data_config_by_dataset(tmp_path):
   def check(message, **overrides):
     cfg = make_data_cfg(str(tmp_path / "tfds"), **overrides)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
       data.validate_data_config(cfg)
 
-  check(r"cfg.data.glob is empty", name="text_files")
+  check(r"data.glob is empty", name="text_files")
   check(r"matches 0 files", name="text_files", glob=str(tmp_path / "*.none"))
-  check(r"cfg.data.tfds_name is empty", name="tfds")
-  check(r"cfg.data.text_key is empty", name="tfds", tfds_name="pg19", text_key="")
+  check(r"data.tfds_name is empty", name="tfds")
+  check(r"data.text_key is empty", name="tfds", tfds_name="pg19", text_key="")
   cfg = make_data_cfg(str(tmp_path / "tfds"))
   cfg.tokenizer.update(name="sentencepiece", path=str(tmp_path / "missing.model"))
-  with pytest.raises(ValueError, match=r"cfg.tokenizer.path=.*does not exist"):
+  with pytest.raises(ConfigError, match=r"tokenizer.path=.*does not exist"):
     data.validate_data_config(cfg)
   cfg.tokenizer.update(name="tiktoken", encoding="")
-  with pytest.raises(ValueError, match=r"cfg.tokenizer.encoding is empty"):
+  with pytest.raises(ConfigError, match=r"tokenizer.encoding is empty"):
     data.validate_data_config(cfg)
 
 

@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bscan import datasets
+from bscan.errors import ConfigError
 
 
 @pytest.mark.parametrize("relpath, is_test", [
@@ -124,7 +125,7 @@ def test_tfds_source_with_mock_data(tmp_path):
 
 
 def test_tfds_source_missing_dataset_is_clear(tmp_path):
-  with pytest.raises(RuntimeError, match="(?s)tfds_name='lm1b'.*ArrayRecord"):
+  with pytest.raises(ConfigError, match="(?s)tfds_name='lm1b'.*ArrayRecord"):
     datasets.tfds_source("lm1b", "train", epath.Path(tmp_path))
 
 

@@ -1,48 +1,30 @@
-"""A stand-in for experiments.train with the same contract, for launcher tests (stdlib only).
+"""A stand-in for experiments.train with the same contract, for launcher tests (no JAX).
 
---config=FILE:ARG --workdir=DIR [--multihost=...]. Writes status.json (running -> done,
-diverged or failed) and one metrics.jsonl line per step, resuming after its last complete
-line; on SIGTERM it stops after the current step. In ARG, fail=1 fails at step 2 and
-diverge=1 ends as diverged. FAKE_TRAINER_STEPS / FAKE_TRAINER_STEP_S set steps and sleep.
+--config=FILE:ARG --workdir=DIR [--multihost=...]. Writes its status and one metric row per
+step through bscan.workdir, resuming after its last complete row (a row torn by a kill is
+dropped). On SIGTERM it stops after the current step, writes status `preempted` and exits
+143, like the real trainer. In ARG, fail=1 fails at step 2 and diverge=1 ends as diverged.
+FAKE_TRAINER_STEPS / FAKE_TRAINER_STEP_S set steps and sleep.
 """
 
 import argparse
-import json
 import os
 import signal
 import sys
 import time
 
+from bscan import errors
+from bscan import workdir as workdir_lib
+from bscan.workdir import Col
 
-def _write_status(workdir: str, status: str, step: int, reason: str = "") -> None:
-  tmp = os.path.join(workdir, f"status.json.{os.getpid()}.tmp")
-  with open(tmp, "w") as f:
-    json.dump({"status": status, "reason": reason, "step": step, "tokens": step * 64,
-               "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
-  os.replace(tmp, os.path.join(workdir, "status.json"))
+TOKENS_PER_STEP = 64
 
 
-def _resume(path: str) -> int:
-  """Last complete step in metrics.jsonl; cuts off a line torn by a kill."""
-  if not os.path.exists(path):
-    return 0
-  with open(path, "rb") as f:
-    data = f.read()
-  good, step = 0, 0
-  for line in data.splitlines(keepends=True):
-    try:
-      step = json.loads(line)["step"] if line.endswith(b"\n") else step
-    except ValueError:
-      break
-    if not line.endswith(b"\n"):
-      break
-    good += len(line)
-  if good != len(data):
-    with open(path, "r+b") as f:
-      f.truncate(good)
-  return step
+def _status(workdir: str, status: str, step: int, reason: str = "") -> None:
+  workdir_lib.write_status(workdir, status, reason, step, step * TOKENS_PER_STEP)
 
 
+@errors.exit_on_user_error
 def main() -> int:
   parser = argparse.ArgumentParser()
   parser.add_argument("--config", required=True)
@@ -53,27 +35,30 @@ def main() -> int:
   point = dict(kv.split("=", 1) for kv in arg.split(",") if kv)
   steps = int(os.environ.get("FAKE_TRAINER_STEPS", "8"))
   step_s = float(os.environ.get("FAKE_TRAINER_STEP_S", "0.05"))
-  os.makedirs(args.workdir, exist_ok=True)
-  metrics = os.path.join(args.workdir, "metrics.jsonl")
-  step = _resume(metrics)
   stop = []
   signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-  _write_status(args.workdir, "running", step)
-  fd = os.open(metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  workdir_lib.check_usable(args.workdir)
+  rows, _ = workdir_lib.read_metrics(args.workdir)  # a torn last line is not a row
+  step = rows[-1][Col.STEP] if rows else 0
+  writer = workdir_lib.MetricsWriter(args.workdir, tensorboard=False)
+  writer.resume(step, len(rows))  # drops the torn line; any other damage is an error
+  _status(args.workdir, workdir_lib.RUNNING, step)
   while step < steps:
     if stop:
-      _write_status(args.workdir, "running", step, "stopped by SIGTERM")
+      _status(args.workdir, workdir_lib.PREEMPTED, step, "stopped by SIGTERM")
       return 143
     time.sleep(step_s)
     if point.get("fail") == "1" and step + 1 == 2:
       print("RuntimeError: fake failure (fail=1)", file=sys.stderr)
-      _write_status(args.workdir, "failed", step, "RuntimeError: fake failure (fail=1)")
+      _status(args.workdir, workdir_lib.FAILED, step, "RuntimeError: fake failure (fail=1)")
       return 1
     step += 1
-    os.write(fd, (json.dumps({"step": step, "tokens": step * 64, "train_loss": 4.0 / step,
-                              "arg": arg}) + "\n").encode())  # one write: whole line or none
-  final = "diverged" if point.get("diverge") == "1" else "done"
-  _write_status(args.workdir, final, step, "loss is NaN" if final == "diverged" else "reached cap")
+    writer.write({Col.STEP: step, Col.TOKENS: step * TOKENS_PER_STEP,
+                  Col.TRAIN_LOSS: 4.0 / step, "arg": arg})
+  writer.close()
+  final = workdir_lib.DIVERGED if point.get("diverge") == "1" else workdir_lib.DONE
+  _status(args.workdir, final, step, "loss is NaN" if final == workdir_lib.DIVERGED else
+          "reached cap")
   return 0
 
 

@@ -1,12 +1,14 @@
 """launch.local with the real trainer: SIGKILL mid-sweep, rerun, every step exactly once."""
 
-import json
 import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
+
+from bscan import sweep as sweep_lib
+from bscan import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests/tiny_scan_config.py"
@@ -20,10 +22,9 @@ def _launch(sweep_dir: pathlib.Path, env: dict) -> subprocess.Popen:
       text=True, start_new_session=True)
 
 
-def _rows(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+def _steps(workdir: pathlib.Path) -> list[int]:
+  """The steps logged so far (a line being written is not a row yet)."""
+  return [r[workdir_lib.Col.STEP] for r in workdir_lib.read_metrics(workdir)[0]]
 
 
 def test_sigkill_and_rerun_finishes_every_point_exactly_once(tmp_path):
@@ -31,21 +32,25 @@ def test_sigkill_and_rerun_finishes_every_point_exactly_once(tmp_path):
          "XLA_FLAGS": ""}  # one real CPU device, as a user's run would have
   sweep_dir = tmp_path / "sweep"
   proc = _launch(sweep_dir, env)
-  first = sweep_dir / POINTS[0] / "metrics.jsonl"
+  first = sweep_dir / POINTS[0]
   deadline = time.time() + 240
-  while len(_rows(first)) < 12 and proc.poll() is None and time.time() < deadline:
+  while len(_steps(first)) < 12 and proc.poll() is None and time.time() < deadline:
     time.sleep(0.2)
   assert proc.poll() is None, proc.communicate()[0]
   os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its trainer, mid-run
   proc.wait()
-  assert len(_rows(first)) < 30
+  assert len(_steps(first)) < 30
 
   proc = _launch(sweep_dir, env)
-  out, _ = proc.communicate(timeout=600)
+  try:
+    out, _ = proc.communicate(timeout=600)
+  finally:
+    if proc.poll() is None:  # timed out: leave no launcher or trainer running
+      os.killpg(proc.pid, signal.SIGKILL)
   assert proc.returncode == 0, out
   for point in POINTS:
-    status = json.loads((sweep_dir / point / "status.json").read_text())
-    assert status["status"] == "done", (point, status)
-    assert [r["step"] for r in _rows(sweep_dir / point / "metrics.jsonl")] == list(range(1, 31))
-  saved = json.loads((sweep_dir / "sweep.json").read_text())
+    status = workdir_lib.read_status(sweep_dir / point)
+    assert status and status.status == "done", (point, status)
+    assert _steps(sweep_dir / point) == list(range(1, 31))
+  saved = sweep_lib.read_sweep_json(str(sweep_dir))
   assert saved["targets"] == [4.0, 3.5] and len(saved["points"]) == 3

@@ -1,4 +1,4 @@
-"""Tests for launch.local (with tests/fake_trainer.py), launch.locks and launch.workdirs."""
+"""Tests for launch.local (with tests/fake_trainer.py) and launch.locks."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from bscan import workdir as workdir_lib
 from launch import locks
-from launch import workdirs
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -32,13 +32,23 @@ def _launch(workdir: str, *flags: str, steps: int = 6, step_s: float = 0.03,
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-  out, err = proc.communicate(timeout=60)
+  try:
+    out, err = proc.communicate(timeout=60)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)  # leave nothing running
+    raise
   return proc.returncode, out + err
 
 
+def _state(workdir: str) -> str:
+  status = workdir_lib.read_status(workdir)
+  return status.status if status else ""
+
+
 def _steps(workdir: str, rel: str) -> list[int]:
-  with open(os.path.join(workdir, rel, "metrics.jsonl")) as f:
-    return [json.loads(line)["step"] for line in f]
+  rows, bad = workdir_lib.read_metrics(os.path.join(workdir, rel))
+  assert not bad, bad
+  return [r[workdir_lib.Col.STEP] for r in rows]
 
 
 def _runs(workdir: str, rel: str) -> int:
@@ -50,9 +60,9 @@ def _runs(workdir: str, rel: str) -> int:
 def _assert_complete(workdir: str, steps: int) -> None:
   """Every good point done with each step exactly once; the failing point failed at step 2."""
   for rel in GOOD:
-    assert workdirs.state(workdirs.read_status(os.path.join(workdir, rel))) == "done", rel
+    assert _state(os.path.join(workdir, rel)) == "done", rel
     assert _steps(workdir, rel) == list(range(1, steps + 1)), rel
-  assert workdirs.state(workdirs.read_status(os.path.join(workdir, FAILING))) == "failed"
+  assert _state(os.path.join(workdir, FAILING)) == "failed"
   assert _steps(workdir, FAILING) == [1]
 
 
@@ -61,7 +71,7 @@ def test_sweep_runs_reports_failure_and_rerun_skips_done(tmp_path):
   rc, out = _finish(_launch(str(tmp_path), "--parallel=2"))
   assert rc == 1, out
   assert "fail=1: failed: RuntimeError: fake failure (fail=1)" in out
-  assert "4 done, 1 failed" in out
+  assert "4 done, 1 failed" in out and "1 of 5 point(s) not finished:" in out
   _assert_complete(str(tmp_path), 6)
   assert json.loads((tmp_path / "sweep.json").read_text())["targets"] == [3.0, 2.5]
   rc, out = _finish(_launch(str(tmp_path)))
@@ -74,20 +84,20 @@ def test_sweep_runs_reports_failure_and_rerun_skips_done(tmp_path):
 def test_interrupted_sweep_resumes_with_each_step_once(tmp_path, sig: signal.Signals):
   """Ctrl-C (SIGINT) or SIGKILL of the launcher's group mid-sweep, then a rerun, finishes it."""
   proc = _launch(str(tmp_path), "--parallel=2", steps=20)
-  first = tmp_path / GOOD[0] / "metrics.jsonl"
   deadline = time.time() + 30
-  while not (first.exists() and len(first.read_text().splitlines()) >= 3):
+  while len(workdir_lib.read_metrics(str(tmp_path / GOOD[0]))[0]) < 3:
     assert time.time() < deadline and proc.poll() is None, _finish(proc)[1]
     time.sleep(0.02)
   os.killpg(proc.pid, sig)  # the whole group, as a terminal's Ctrl-C or `kill -9 -PGID` does
   rc, out = _finish(proc)
-  assert workdirs.state(workdirs.read_status(str(tmp_path / GOOD[0]))) == "running"
   if sig == signal.SIGINT:
-    assert rc == 130 and "interrupted at running" in out, out
+    assert rc == 130 and "interrupted at preempted" in out, out
     # The trainer ignored the SIGINT and stopped on the launcher's SIGTERM instead.
-    assert (workdirs.read_status(str(tmp_path / GOOD[0])) or {})["reason"] == "stopped by SIGTERM"
+    assert workdir_lib.read_status(str(tmp_path / GOOD[0])).reason == "stopped by SIGTERM"
+    assert _state(str(tmp_path / GOOD[0])) == "preempted"
   else:
     assert rc == -signal.SIGKILL
+    assert _state(str(tmp_path / GOOD[0])) == "running"
   rc, out = _finish(_launch(str(tmp_path), "--parallel=2", steps=20))
   assert rc == 1 and "4 done, 1 failed" in out, out
   _assert_complete(str(tmp_path), 20)
@@ -122,35 +132,60 @@ def test_lock_is_exclusive_and_stale_locks_are_broken(tmp_path):
   assert not lock.try_acquire() and "elsewhere" in lock.describe_owner()
 
 
-class _FakeGcsPath:
-  """Stands in for epath.Path on gs:// and raises what gcsfs / google-auth raise."""
-
-  error: Exception = ImportError("Please install gcsfs to access Google Storage")
-
-  def __init__(self, path: str):
-    del path
-
-  def exists(self) -> bool:
-    raise self.error
-
-
-def test_gcs_workdir_errors_say_what_to_do(monkeypatch):
-  """No gcsfs -> name the extra; no credentials -> say how to log in."""
-  monkeypatch.setattr(workdirs.epath, "Path", _FakeGcsPath)
-  with pytest.raises(workdirs.WorkdirError, match=r"pip install 'bscan\[gcs\]'"):
-    workdirs.check_access("gs://bucket/sweep")
-
-  class DefaultCredentialsError(Exception):
-    pass
-
-  monkeypatch.setattr(_FakeGcsPath, "error", DefaultCredentialsError("no credentials found"))
-  with pytest.raises(workdirs.WorkdirError, match="application-default login"):
-    workdirs.check_access("gs://bucket/sweep")
-
-
 def test_bad_inputs_fail_clearly(tmp_path):
   """An unknown config or an unusable gs:// sweep dir is one clear line, before any run."""
   rc, out = _finish(_launch(str(tmp_path), config=str(tmp_path / "missing.py")))
-  assert rc == 1 and "error: config file" in out and "missing.py" in out
+  assert rc == 2 and "error: --config: config file" in out and "missing.py" in out
   rc, out = _finish(_launch("gs://bscan-test-no-such-bucket/sweep"))
-  assert rc == 1 and "error: cannot access gs://bscan-test-no-such-bucket/sweep" in out, out
+  assert rc == 2 and "error: --workdir=gs://bscan-test-no-such-bucket/sweep" in out, out
+
+
+def test_unfinished_points_are_named_exit_1_and_skip_the_analysis(tmp_path):
+  """A point running elsewhere (lock held, status running) is listed with why; exit 1; no
+  analysis unless asked. A damaged status.json is reported in a line and the point reruns."""
+  held = tmp_path / "sweep"
+  running, damaged = str(held / GOOD[0]), held / GOOD[1]
+  os.makedirs(running)
+  workdir_lib.write_status(running, "running", "", 3, 192)
+  lock = locks.PointLock(str(held / ".locks" / (GOOD[0] + ".lock")))
+  assert lock.try_acquire()  # this test's live pid: another launcher on this host
+  damaged.mkdir(parents=True)
+  (damaged / workdir_lib.STATUS).write_text('{"status": "done", ')  # torn by hand
+  try:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.local", f"--config={FIXTURE}", f"--workdir={held}",
+         f"--trainer={FAKE}", "--parallel=2"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "FAKE_TRAINER_STEPS": "3", "FAKE_TRAINER_STEP_S": "0.01"})
+    rc, out = _finish(proc)
+  finally:
+    lock.release()
+  assert rc == 1 and "Traceback" not in out, out
+  assert f"{damaged}/status.json is not valid JSON" in out
+  assert _state(str(damaged)) == "done" and _steps(str(held), GOOD[1]) == [1, 2, 3]
+  assert "2 of 5 point(s) not finished:" in out
+  assert (f"  size=tiny,batch=2,lr=0.001,seed=0: running (step 3): running elsewhere: pid "
+          f"{os.getpid()}") in out
+  assert "  size=tiny,batch=8,lr=0.0003,seed=0,fail=1: failed (step 1, RuntimeError" in out
+  assert "analysis not run: 2 point(s) not finished" in out and "analysis:" not in out
+
+
+def test_point_preempted_from_outside_is_reported_and_resumes(tmp_path):
+  """SIGTERM to a trainer (not from the launcher): status preempted, listed, rerun resumes."""
+  proc = _launch(str(tmp_path), steps=30, step_s=0.02)
+  lock_path = tmp_path / ".locks" / (GOOD[0] + ".lock")
+  deadline = time.time() + 30
+  while not (lock_path.exists() and (json.loads(lock_path.read_text() or "{}").get("child_pid"))
+             and len(workdir_lib.read_metrics(str(tmp_path / GOOD[0]))[0]) >= 2):
+    assert time.time() < deadline and proc.poll() is None, _finish(proc)[1]
+    time.sleep(0.02)
+  os.kill(json.loads(lock_path.read_text())["child_pid"], signal.SIGTERM)
+  rc, out = _finish(proc)
+  assert rc == 1 and "1 preempted" in out, out
+  assert ("  size=tiny,batch=2,lr=0.001,seed=0: preempted (step "
+          in out.split("not finished:")[1]), out
+  assert "stopped by SIGTERM): rerun resumes it" in out
+  assert _state(str(tmp_path / GOOD[0])) == "preempted"
+  rc, out = _finish(_launch(str(tmp_path), steps=30, step_s=0.02))
+  assert rc == 1 and "1 done, 1 failed" in out, out
+  assert _steps(str(tmp_path), GOOD[0]) == list(range(1, 31))

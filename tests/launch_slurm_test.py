@@ -5,13 +5,19 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import goldens
+from bscan import workdir as workdir_lib
+from bscan.errors import ConfigError
 from launch import slurm
-from launch import workdirs
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 FIXTURE = os.path.join(TESTS, "sweep_fixture_config.py")
+PARAMS = dict(job_name="bscan", partition="gpu", time=60, nodes=1, gpus_per_node=8,
+              cpus_per_task=8, mem="64G", account="acc", qos="high", constraint="a100",
+              exclude="", setup=["module load cuda"], max_parallel=4)
 
 
 def _cli(*args: str, steps: int = 3) -> subprocess.CompletedProcess:
@@ -48,25 +54,48 @@ def test_debug_executor_runs_points_and_resubmits_only_unfinished(tmp_path):
 
 def test_train_point_gives_one_process_all_gpus_and_requeues(tmp_path):
   """The node process sees JAX_LOCAL_DEVICE_IDS for all GPUs; checkpoint() stops and requeues."""
-  script = ("import json, os, sys; d = sys.argv[1]; "
-            "json.dump({'status': 'done', 'step': 1, 'reason': os.environ['JAX_LOCAL_DEVICE_IDS']},"
-            " open(os.path.join(d, 'status.json'), 'w'))")
+  script = ("import os, sys; from bscan import workdir; "
+            "workdir.write_status(sys.argv[1], 'done', os.environ['JAX_LOCAL_DEVICE_IDS'], 1, 8)")
   point = slurm.TrainPoint([sys.executable, "-c", script, str(tmp_path)], str(tmp_path), 4)
   assert point() == "done (step 1, 0,1,2,3)"
   sleeper = slurm.TrainPoint(["sleep", "30"], str(tmp_path / "other"), 0)
   sleeper._proc = subprocess.Popen(["sleep", "30"])  # as if __call__ were running it
   delayed = sleeper.checkpoint()
   assert sleeper._proc.returncode == -15 and delayed.function.argv == ["sleep", "30"]
-  assert workdirs.state(workdirs.read_status(str(tmp_path))) == "done"
+  assert workdir_lib.read_status(str(tmp_path)).status == "done"
 
 
 def test_bad_inputs_fail_clearly(tmp_path):
   """Bad memory sizes, gs:// sweeps without --slurm_dir and unknown configs are clear errors."""
   result = _cli(f"--workdir={tmp_path}", "--mem=lots", "--render_only")
-  assert result.returncode == 1 and "--mem='lots' is not a SLURM memory size" in result.stderr
+  assert result.returncode == 2 and "--mem='lots' is not a SLURM memory size" in result.stderr
   result = _cli("--workdir=gs://bucket/sweep", "--render_only")
-  assert result.returncode == 1 and "needs --slurm_dir" in result.stderr
+  assert result.returncode == 2 and "needs --slurm_dir" in result.stderr
   result = subprocess.run([sys.executable, "-m", "launch.slurm", "--config=nope.py",
                            f"--workdir={tmp_path}"], cwd=REPO, text=True, capture_output=True,
                           timeout=60, check=False)
-  assert result.returncode == 1 and "nope.py' not found" in result.stderr
+  assert result.returncode == 2 and "nope.py' not found" in result.stderr
+
+
+def test_newline_in_job_name_injects_no_sbatch_line(tmp_path):
+  """A newline (or space, quote, '#') in a field of an #SBATCH line is refused, nothing printed."""
+  result = _cli(f"--workdir={tmp_path}", "--job_name=bscan\n#SBATCH --qos=top", "--render_only")
+  assert result.returncode == 2 and result.stdout == "", result.stdout
+  assert result.stderr.startswith("error: --job_name='bscan\\n#SBATCH --qos=top': ")
+  for flag in ("job_name", "partition", "account", "qos", "constraint", "exclude"):
+    with pytest.raises(ConfigError, match=f"--{flag}="):
+      slurm.slurm_parameters(**{**PARAMS, flag: "a b"})
+  with pytest.raises(ConfigError, match="--setup="):
+    slurm.slurm_parameters(**{**PARAMS, "setup": ["module load cuda\n#SBATCH --qos=top"]})
+  script = slurm.render(slurm.slurm_parameters(**PARAMS), "/shared/slurm", "python3", 2)
+  assert [l for l in script.splitlines() if "qos" in l] == ["#SBATCH --qos=high"]
+
+
+def test_damaged_or_preempted_status_reruns_the_trainer(tmp_path):
+  """A requeued job resumes a preempted point and one whose status.json is damaged."""
+  script = ("import sys; from bscan import workdir; "
+            "workdir.write_status(sys.argv[1], 'done', '', 2, 8)")
+  for content in ('{"status": "preempted", "step": 1}', "{"):
+    (tmp_path / workdir_lib.STATUS).write_text(content)
+    assert slurm.TrainPoint([sys.executable, "-c", script, str(tmp_path)], str(tmp_path))() == (
+        "done (step 2)")

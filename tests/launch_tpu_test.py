@@ -15,6 +15,7 @@ from absl import flags
 import goldens
 
 from bscan import sweep as sweep_lib
+from bscan.errors import ConfigError
 from launch import locks
 from launch import remote
 from launch import tpu
@@ -114,9 +115,9 @@ class _FakeGcloud:
 
 
 def _launcher(runner: _FakeGcloud, monkeypatch, **kwargs) -> tpu.TpuLauncher:
-  monkeypatch.setattr(tpu.workdirs, "check_access", lambda d: None)
+  monkeypatch.setattr(tpu.workdir_lib, "check_usable", lambda d: None)
   monkeypatch.setattr(tpu.sweep_lib, "write_sweep_json", lambda *a: "")
-  monkeypatch.setattr(tpu.workdirs, "read_status", lambda w: None)
+  monkeypatch.setattr(tpu.workdir_lib, "read_status", lambda w: None)
   options = dict(config=os.path.join(REPO, FIXTURE), sweep_dir="gs://b/s", zone="us-central2-b",
                  accelerator_type="v5litepod-16", provisioning="best_effort",
                  points_per_slice=3, package="git+https://x/y", gcloud=sys.executable,
@@ -213,7 +214,8 @@ def test_finished_slices_are_skipped_and_only_unfinished_points_start(monkeypatc
   launcher = _launcher(fake, monkeypatch)
   final = {p.workdir: s for p, s in zip(launcher.points, ["done", "diverged", "done", "done",
                                                           "failed"])}
-  monkeypatch.setattr(tpu.workdirs, "read_status", lambda w: {"status": final[w]})
+  monkeypatch.setattr(tpu.workdir_lib, "read_status",
+                      lambda w: tpu.workdir_lib.Status(final[w]))
   assert launcher.create() == 0 and launcher.run() == 0
   names = {fake.name(c) for c in fake.calls}
   assert names == {f"{P}-1"}
@@ -251,8 +253,8 @@ def test_cli_exits_nonzero_after_reporting_all_failures(monkeypatch, capsys):
     self.runner = fake
 
   monkeypatch.setattr(tpu.TpuLauncher, "__post_init__", fake_post_init)
-  monkeypatch.setattr(tpu.workdirs, "check_access", lambda d: None)
-  monkeypatch.setattr(tpu.workdirs, "read_status", lambda w: None)
+  monkeypatch.setattr(tpu.workdir_lib, "check_usable", lambda d: None)
+  monkeypatch.setattr(tpu.workdir_lib, "read_status", lambda w: None)
   monkeypatch.setattr(tpu.sweep_lib, "write_sweep_json", lambda *a: "")
   monkeypatch.setattr(tpu.shutil, "which", lambda g: g)
   flag_values = flags.FlagValues()  # not absl's global FLAGS, which other tests' binaries use
@@ -292,7 +294,8 @@ def test_remote_command_passes_hostile_values_intact(tmp_path):
       points=[{"size": "3m", "note": f"a b'c\"d; touch {marker} $(touch {marker}) `x`"},
               {"size": "9m"}], targets=[3.0]), sweep_dir)
   python = shlex.join([sys.executable, str(dump)])
-  commands = [remote.point_command(python, "experiments.train", "configs/c.py", p) for p in points]
+  commands = [sweep_lib.trainer_command(python, "experiments.train", "configs/c.py", p, "on")
+              for p in points]
   remote_dir = tmp_path / "remote dir"
   remote_dir.mkdir()
   for detach in (False, True):
@@ -392,8 +395,63 @@ def test_accelerator_validation(accelerator: str, ok: bool):
 def test_bad_inputs_fail_clearly():
   """Local workdirs, missing gcloud and missing actions are clear errors."""
   result = _cli("up", *FLAGS[:1], "--workdir=/tmp/x", "--zone=us-central2-b")
-  assert result.returncode == 1 and "use gs://BUCKET/PATH" in result.stderr
+  assert result.returncode == 2 and "use gs://BUCKET/PATH" in result.stderr
   result = _cli("create", *FLAGS, "--gcloud=no-such-gcloud")
-  assert result.returncode == 1 and "'no-such-gcloud' not found" in result.stderr
+  assert result.returncode == 2 and "'no-such-gcloud' not found" in result.stderr
   result = _cli(*FLAGS)
-  assert result.returncode != 0 and "give one action" in result.stderr
+  assert result.returncode == 2 and "give one action" in result.stderr
+
+
+@pytest.mark.parametrize("package, ok", [
+    ("bscan @ git+https://github.com/ORG/bscan@abc123", True), ("git+https://x/y", True),
+    ("bscan[gcs]==0.1.0", True), (".", True), ("bscan @@ git+https://x", False),
+    ("-e .", False), ("--index-url=https://evil", False), ("dist/bscan-0.1.0.tar.gz", False),
+    ("bscan\n-r /etc/passwd", False), ("bscan; rm -rf ~", False)])
+def test_package_is_checked_before_any_worker_sees_it(package: str, ok: bool):
+  """--package is a local path, a bare URL or one PEP 508 requirement; nothing else."""
+  if ok:
+    assert tpu.validate_package("package", package) == package
+  else:
+    with pytest.raises(ConfigError, match="--package="):
+      tpu.validate_package("package", package)
+
+
+@pytest.mark.parametrize("remote_dir, ok", [
+    ("bscan_run", True), ("~/runs/b-1.2", True), ("/tmp/x", True), ("run dir", False),
+    ("$(reboot)", False), ("x;touch y", False), ("-oProxyCommand=x", False), ("a\nb", False),
+    ("host:dir", False), ("*", False)])
+def test_remote_dir_takes_only_plain_path_characters(remote_dir: str, ok: bool):
+  """--remote_dir ends up in an scp destination that the worker's shell expands."""
+  if ok:
+    assert tpu.validate_remote_dir(remote_dir) == remote_dir
+  else:
+    with pytest.raises(ConfigError, match="--remote_dir="):
+      tpu.validate_remote_dir(remote_dir)
+
+
+def test_status_reports_damaged_and_preempted_points(monkeypatch, capsys):
+  """`status` lists a damaged status.json as a failed point with the file's fault, no traceback."""
+  launcher = _launcher(_FakeGcloud(), monkeypatch, tpu_name="my-vm")
+
+  def read_status(workdir: str) -> tpu.workdir_lib.Status:
+    if workdir == launcher.points[0].workdir:
+      raise ConfigError(f"{workdir}/status.json is not valid JSON; delete it and rerun")
+    return tpu.workdir_lib.Status("preempted", "stopped by SIGTERM", 7)
+
+  monkeypatch.setattr(tpu.workdir_lib, "read_status", read_status)
+  launcher.status()
+  lines = capsys.readouterr().out.splitlines()
+  first = launcher.points[0]
+  assert lines[0] == (f"my-vm {first.arg}: failed (step 0, {first.workdir}/status.json is not "
+                      "valid JSON; delete it and rerun)")
+  assert lines[1].endswith(": preempted (step 7, stopped by SIGTERM)")
+  assert launcher.pending() == {"my-vm": launcher.points}  # all resumable
+
+
+@pytest.mark.parametrize("check, value", [
+    (tpu.validate_zone, "us-central2-b\n"), (tpu.validate_accelerator, "v4-8\n"),
+    (tpu.validate_remote_dir, "bscan_run\n")])
+def test_a_trailing_newline_is_not_accepted(check, value: str):
+  """Patterns match the whole value ('$' alone would let a final newline through)."""
+  with pytest.raises(ConfigError):
+    check(value)

@@ -10,72 +10,22 @@ import signal
 import subprocess
 import sys
 
-import grain
 import pytest
 
 from bscan import config as config_lib
 from bscan import data as data_lib
-from bscan import metrics as metrics_lib
+from bscan import workdir as workdir_lib
 from bscan import train
 from experiments.configs import base
+from tiny_run import Interrupting as _Interrupting, rows as _rows, tiny as _tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.stem for p in (REPO / "experiments/configs").glob("*.py")
                       if p.stem not in ("__init__", "base"))
 
 
-def _tiny(cfg, pystdlib_cfg, steps: int = 12):
-  """Shrinks any config to the test corpus and tiny shapes, keeping its other choices."""
-  cfg = copy.deepcopy(cfg)
-  cfg.data = copy.deepcopy(pystdlib_cfg.data)
-  cfg.tokenizer = copy.deepcopy(pystdlib_cfg.tokenizer)
-  cfg.model.size, cfg.model.max_len, cfg.model.dtype = "tiny", 32, "float32"
-  cfg.seq_len, cfg.batch_size, cfg.microbatch_size = 32, 16, 1
-  cfg.budget.train_steps, cfg.budget.target_loss = steps, 0.0
-  cfg.eval.every_steps, cfg.eval.per_decade = 3, 0
-  cfg.checkpoint.every_steps = 4
-  cfg.optim.warmup_tokens = 0
-  return cfg
-
-
-def _rows(workdir) -> list[dict]:
-  rows = metrics_lib.read_rows(pathlib.Path(workdir) / "metrics.jsonl")
-  return [{k: v for k, v in r.items() if k not in metrics_lib.WALL_CLOCK_KEYS} for r in rows]
-
-
-class _Interrupting(grain.DatasetIterator):
-  """Wraps the data iterator: at the n-th batch, raise (a crash) or send SIGTERM."""
-
-  def __init__(self, parent, at: int, how: str):
-    super().__init__(parent)
-    self._at, self._how, self._n = at, how, 0
-
-  def __next__(self):
-    self._n += 1
-    if self._n == self._at:
-      if self._how == "crash":
-        raise RuntimeError("simulated crash")
-      os.kill(os.getpid(), signal.SIGTERM)
-    return next(self._parent)
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
-
-
-@pytest.fixture(scope="module")
-def reference(pystdlib_cfg, tmp_path_factory):
-  """An uninterrupted 12-step run: its config and its rows."""
-  cfg = _tiny(base.get_base_config(), pystdlib_cfg)
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  assert train.run(cfg, workdir) == "done"
-  return cfg, _rows(workdir)
-
-
 def test_reference_run_rows(reference):
-  _, rows = reference
+  _, rows, _ = reference
   assert [r["step"] for r in rows] == list(range(1, 13))
   assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6, 9, 12]
   assert all(r["tokens"] == r["step"] * 16 * 32 for r in rows)
@@ -85,20 +35,20 @@ def test_reference_run_rows(reference):
 
 @pytest.mark.parametrize("how, at", [("crash", 11), ("crash", 4), ("sigterm", 7)])
 def test_interrupted_and_resumed_run_matches(reference, tmp_path, monkeypatch, how, at):
-  cfg, expected = reference
+  cfg, expected, _ = reference
   make = data_lib.make_train_iterator
   monkeypatch.setattr(data_lib, "make_train_iterator",
                       lambda *a, **k: _Interrupting(make(*a, **k), at, how))
   if how == "crash":
     with pytest.raises(RuntimeError, match="simulated crash"):
       train.run(cfg, tmp_path)
-    assert metrics_lib.read_status(tmp_path)["status"] == "failed"
+    assert workdir_lib.read_status(tmp_path).status == "failed"
     last_checkpoint = (at - 1) // 4 * 4
     assert max(r["step"] for r in _rows(tmp_path)) > last_checkpoint  # rows to be dropped
   else:
-    assert train.run(cfg, tmp_path) == "failed"
-    status = metrics_lib.read_status(tmp_path)
-    assert "preempted" in status["reason"] and status["step"] == at
+    assert train.run(cfg, tmp_path) == "preempted"
+    status = workdir_lib.read_status(tmp_path)
+    assert "SIGTERM" in status.reason and status.step == at and status.status == "preempted"
   monkeypatch.setattr(data_lib, "make_train_iterator", make)
   assert train.run(cfg, tmp_path) == "done"
   assert _rows(tmp_path) == expected  # each step exactly once, identical values
@@ -124,8 +74,8 @@ def test_diverged_run_is_recorded(pystdlib_cfg, tmp_path):
   cfg = _tiny(base.get_base_config(), pystdlib_cfg, steps=30)
   cfg.optim.lr, cfg.optim.clip_norm, cfg.optim.b1, cfg.optim.eps = 1e30, 0.0, 0.0, 1e-30
   assert train.run(cfg, tmp_path) == "diverged"
-  status = metrics_lib.read_status(tmp_path)
-  assert status["status"] == "diverged" and "non-finite" in status["reason"]
+  status = workdir_lib.read_status(tmp_path)
+  assert status.status == "diverged" and "non-finite" in status.reason
   assert _rows(tmp_path)[-1]["train_loss"] is None
 
 
@@ -149,7 +99,7 @@ def test_binary_trains_and_records_config(tmp_path):
   assert saved["arg"] == arg
   assert saved["derived"]["batch_sequences"] == 8
   assert saved["derived"]["batch_tokens"] == 8 * 32
-  assert metrics_lib.read_status(tmp_path / "run")["status"] == "done"
+  assert workdir_lib.read_status(tmp_path / "run").status == "done"
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])

@@ -1,6 +1,7 @@
 """Critical batch size from batch-size scans: load workdirs, fit S/E and B_crit(L), draw figures.
 
-Reads run workdirs (local or gs://) only; imports no JAX, so it is quick to import in Colab.
+Reads run workdirs (local or gs://) only, through bscan.workdir; imports no JAX, and imports its
+submodules (pandas, scipy, matplotlib) on first use, so the CLI answers a bad flag at once.
 Batches are in tokens and losses in nats/token throughout.
 
   analysis = bscan.analysis.analyze("gs://bucket/sweep")
@@ -8,37 +9,40 @@ Batches are in tokens and losses in nats/token throughout.
   bscan.analysis.fit_critical_batch(batch_sizes, steps).b_crit
 """
 
-from bscan.analysis import synthetic
-from bscan.analysis.figures import plot_batch_scan
-from bscan.analysis.figures import plot_critical_batch
-from bscan.analysis.figures import save_figure
-from bscan.analysis.fit import CriticalBatchFit
-from bscan.analysis.fit import fit_critical_batch
-from bscan.analysis.fit import fit_targets
-from bscan.analysis.fit import FitWarning
-from bscan.analysis.fit import TooFewBatchSizesError
-from bscan.analysis.load import find_run_dirs
-from bscan.analysis.load import load_runs
-from bscan.analysis.load import read_sweep_targets
-from bscan.analysis.load import RunWarning
-from bscan.analysis.noise import noise_scale_cloud
-from bscan.analysis.pipeline import Analysis
-from bscan.analysis.pipeline import analyze
-from bscan.analysis.powerlaw import fit_power_law
-from bscan.analysis.powerlaw import fit_power_laws
-from bscan.analysis.powerlaw import power_law_table
-from bscan.analysis.powerlaw import PowerLawFit
-from bscan.analysis.report import write_report
-from bscan.analysis.targets import best_steps
-from bscan.analysis.targets import choose_targets
-from bscan.analysis.targets import steps_to_target
-from bscan.analysis.targets import steps_to_targets
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "Analysis", "CriticalBatchFit", "FitWarning", "PowerLawFit", "RunWarning",
-    "TooFewBatchSizesError", "analyze", "best_steps", "choose_targets", "find_run_dirs",
-    "fit_critical_batch", "fit_power_law", "fit_power_laws", "fit_targets", "load_runs",
-    "noise_scale_cloud", "plot_batch_scan", "plot_critical_batch", "power_law_table",
-    "read_sweep_targets", "save_figure", "steps_to_target", "steps_to_targets", "synthetic",
-    "write_report",
-]
+# name -> submodule that defines it
+_EXPORTS = {
+    "plot_batch_scan": "figures", "plot_critical_batch": "figures", "save_figure": "figures",
+    "CriticalBatchFit": "fit", "fit_critical_batch": "fit", "fit_targets": "fit",
+    "FitWarning": "fit", "TooFewBatchSizesError": "fit",
+    "find_run_dirs": "load", "load_runs": "load", "read_sweep_targets": "load",
+    "RunWarning": "load", "noise_scale_cloud": "noise", "Analysis": "pipeline",
+    "analyze": "pipeline", "fit_power_law": "powerlaw", "fit_power_laws": "powerlaw",
+    "power_law_table": "powerlaw", "PowerLawFit": "powerlaw", "write_report": "report",
+    "best_steps": "targets", "choose_targets": "targets", "pending_targets": "targets",
+    "steps_to_target": "targets", "steps_to_targets": "targets",
+}
+_SUBMODULES = ("figures", "fit", "load", "noise", "pipeline", "powerlaw", "report",
+               "synthetic", "targets")
+
+__all__ = sorted([*_EXPORTS, "synthetic"])
+
+if TYPE_CHECKING:
+  from bscan.analysis import synthetic  # noqa: F401
+  from bscan.analysis.fit import fit_critical_batch  # noqa: F401
+  from bscan.analysis.pipeline import Analysis, analyze  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+  """Imports the submodule that defines `name` on first use (PEP 562)."""
+  if name in _SUBMODULES:
+    return importlib.import_module(f"{__name__}.{name}")
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted([*globals(), *_EXPORTS, *_SUBMODULES])

@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 from bscan.analysis import pipeline
 from bscan.analysis import powerlaw
 from bscan.analysis import targets as targets_lib
+from bscan.analysis.load import EVAL_STEP
+from bscan.workdir import Col
 
 CMAP = "viridis"
 STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
@@ -69,7 +71,8 @@ def _nice_loss_ticks(lo: float, hi: float) -> np.ndarray:
 
 def _representative_runs(analysis: pipeline.Analysis, size: str) -> pd.DataFrame:
   """One run per batch size: the (lr, seed) most often best over targets, else lowest loss."""
-  runs = analysis.runs[(analysis.runs["size"] == size) & (analysis.runs["step"].map(len) > 1)]
+  runs = analysis.runs
+  runs = runs[(runs["size"] == size) & (runs[Col.STEP].map(len) > 1)]
   best = analysis.best_steps[analysis.best_steps["size"] == size]
   picked = []
   for batch, group in runs.groupby("batch_tokens"):
@@ -83,8 +86,8 @@ def _representative_runs(analysis: pipeline.Analysis, size: str) -> pd.DataFrame
 
 def _colour_values(run: pd.Series, window: float) -> tuple[np.ndarray, np.ndarray, bool]:
   """(steps, loss used for colour, is_eval): eval loss interpolated in log step, else train."""
-  step, train = targets_lib.finite_prefix(run["step"], run["train_loss"])
-  ev_s, ev_l = targets_lib.finite_prefix(run["eval_step"], run["eval_loss"])
+  step, train = targets_lib.finite_prefix(run[Col.STEP], run[Col.TRAIN_LOSS])
+  ev_s, ev_l = targets_lib.finite_prefix(run[EVAL_STEP], run[Col.EVAL_LOSS])
   if len(ev_s) >= 2:
     return step, np.interp(np.log(step), np.log(ev_s), ev_l), True
   return step, targets_lib.smooth_log_window(step, train, window), False
@@ -188,14 +191,14 @@ def plot_critical_batch(analysis: pipeline.Analysis, kaplan: bool = False,
     fig, ax = plt.subplots(figsize=(9.6, 4.8), constrained_layout=True)
     y_vals = [finite["b_crit_lo"].to_numpy(), finite["b_crit"].to_numpy()]
     if show_cloud and len(analysis.cloud):
-      cloud = analysis.cloud[(analysis.cloud["train_loss"] > x_lo)
-                             & (analysis.cloud["train_loss"] < x_hi)]
+      cloud = analysis.cloud[(analysis.cloud[Col.TRAIN_LOSS] > x_lo)
+                             & (analysis.cloud[Col.TRAIN_LOSS] < x_hi)]
       for k, size in enumerate(sizes):
         c = cloud[cloud["size"] == size]
-        for col, marker in (("b_simple_tokens", "."), ("b_noise_tokens", "x")):
+        for col, marker in ((Col.B_SIMPLE_TOKENS, "."), (Col.B_NOISE_TOKENS, "x")):
           ok = c[np.isfinite(c[col])]
           if len(ok):
-            ax.scatter(ok["train_loss"], ok[col], s=6, marker=marker, color=palette(k),
+            ax.scatter(ok[Col.TRAIN_LOSS], ok[col], s=6, marker=marker, color=palette(k),
                        alpha=0.18, linewidths=0.5, zorder=1, rasterized=True)
             y_vals.append(np.quantile(ok[col], [0.02, 0.98]))
     any_open = False

@@ -1,16 +1,17 @@
 """Loads run workdirs (local or gs:// via etils.epath) into a tidy table: one row per run.
 
-Each row holds the run's scanned settings (from config.json "derived"), its status, and its
-curves as 1-D numpy arrays aligned on logged steps. Damaged runs load with a RunWarning, never
-an exception: a truncated last line of metrics.jsonl (a run killed mid-write), missing
-metrics or status files, diverged or failed runs.
+Each row holds the run's plan (config.json `derived`: every bscan.workdir.RunPlan field), its
+status, and its curves as 1-D numpy arrays aligned on logged steps. Every run file is read
+through bscan.workdir. Damaged runs load with a RunWarning naming the file (and line), never an
+exception: unreadable metric lines, missing metrics or status, a damaged status.json; a damaged
+config.json skips the run.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import typing
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -19,13 +20,26 @@ import numpy as np
 import pandas as pd
 from etils import epath
 
+from bscan import sweep as sweep_lib
+from bscan import workdir as wd
+from bscan.errors import ConfigError
+
 PathLike = str | epath.PathLike
+Col = wd.Col
 
 # Curves kept per run; arrays aligned with `step` (eval curves have their own steps).
-CURVE_KEYS = ("tokens", "train_loss", "b_simple_tokens", "b_noise_tokens")
-SETTING_KEYS = ("size", "n_params", "n_layer", "d_model", "seq_len", "batch_sequences",
-                "batch_tokens", "learning_rate", "seed", "target_loss", "max_tokens",
-                "vocab_size", "dataset", "tokenizer")
+CURVE_KEYS = (Col.TOKENS, Col.TRAIN_LOSS, Col.B_SIMPLE_TOKENS, Col.B_NOISE_TOKENS)
+EVAL_STEP = "eval_step"  # runs-table column: the steps at which eval_loss was logged
+UNKNOWN = "unknown"  # runs-table status of a run without status.json (not a workdir status)
+
+
+def _numeric(hint: Any) -> bool:
+  """Whether a RunPlan field holds a number (int, float, or either | None)."""
+  return any(a in (int, float) for a in typing.get_args(hint) or (hint,))
+
+
+SETTING_KEYS = wd.plan_fields()
+NUMERIC_SETTINGS = tuple(k for k, h in typing.get_type_hints(wd.RunPlan).items() if _numeric(h))
 
 
 class RunWarning(UserWarning):
@@ -39,6 +53,21 @@ def _warn(msg: str) -> None:
 MAX_DEPTH = 6  # launchers nest workdirs as SWEEP_DIR/3m/b64/lr1e-3/s0
 
 
+def _sweep_record(root: epath.Path) -> dict[str, Any] | None:
+  """ROOT/sweep.json, None when absent or damaged (with a warning)."""
+  if not (root / sweep_lib.SWEEP_JSON).exists():
+    return None
+  try:
+    data = sweep_lib.read_sweep_json(os.fspath(root))
+  except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
+    _warn(f"{root / sweep_lib.SWEEP_JSON}: unreadable ({e}); ignored")
+    return None
+  if not isinstance(data, dict):
+    _warn(f"{root / sweep_lib.SWEEP_JSON}: not a JSON object; ignored")
+    return None
+  return data
+
+
 def find_run_dirs(root: PathLike) -> list[epath.Path]:
   """Run workdirs under `root` (or root itself): the sweep.json points, else a search.
 
@@ -47,21 +76,22 @@ def find_run_dirs(root: PathLike) -> list[epath.Path]:
   holding config.json are searched up to MAX_DEPTH levels, ignoring any inside another run.
   """
   root = epath.Path(root)
-  if (root / "config.json").exists():
+  if (root / wd.CONFIG).exists():
     return [root]
-  sweep = _read_json(root / "sweep.json") if (root / "sweep.json").exists() else None
-  relpaths = [p.get("relpath") for p in (sweep or {}).get("points", []) if p.get("relpath")]
+  points = (_sweep_record(root) or {}).get("points")
+  relpaths = [p.get("relpath") for p in points if isinstance(p, dict) and p.get("relpath")
+              ] if isinstance(points, list) else []
   if relpaths:
     dirs = []
     for rel in relpaths:
-      if (root / rel / "config.json").exists():
+      if (root / rel / wd.CONFIG).exists():
         dirs.append(root / rel)
       else:
-        _warn(f"{root / rel}: sweep point has no config.json (not started?); skipped")
+        _warn(f"{root / rel}: sweep point has no {wd.CONFIG} (not started?); skipped")
     return dirs
   found = set()
   for depth in range(1, MAX_DEPTH + 1):
-    found |= {p.parent for p in root.glob("*/" * depth + "config.json")}
+    found |= {p.parent for p in root.glob("*/" * depth + wd.CONFIG)}
   runs = []
   for d in sorted(found, key=lambda p: (len(p.parts), str(p))):
     if not any(r in d.parents for r in runs):  # e.g. a config.json inside a run's checkpoints
@@ -77,100 +107,94 @@ def _float(v: Any) -> float:
     return math.nan
 
 
-def parse_metrics(text: str, where: str = "metrics.jsonl") -> list[dict[str, Any]]:
-  """Parses JSON lines; a truncated last line (killed mid-write) is skipped with a warning."""
-  lines = text.splitlines()
-  records = []
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      last = all(not l.strip() for l in lines[i + 1:])
-      _warn(f"{where}: {'truncated last' if last else 'unreadable'} line {i + 1} skipped")
-      continue
-    if isinstance(rec, dict) and "step" in rec:
-      records.append(rec)
-  return records
-
-
 def curves_from_records(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
   """Columns of the per-step records; a step logged twice (resumed run) keeps its last value."""
   by_step: dict[int, Mapping[str, Any]] = {}
   for rec in records:
-    by_step[int(rec["step"])] = rec  # later lines win: a resumed run re-logs from its checkpoint
+    by_step[int(rec[Col.STEP])] = rec  # later lines win: a resumed run re-logs from its checkpoint
   steps = np.array(sorted(by_step), dtype=float)
   recs = [by_step[int(s)] for s in steps]
-  out = {"step": steps}
+  out = {Col.STEP: steps}
   for key in CURVE_KEYS:
     out[key] = np.array([_float(r.get(key)) for r in recs], dtype=float)
-  ev = [(float(s), _float(r.get("eval_loss"))) for s, r in zip(steps, recs)
-        if r.get("eval_loss") is not None]
-  out["eval_step"] = np.array([s for s, _ in ev], dtype=float)
-  out["eval_loss"] = np.array([v for _, v in ev], dtype=float)
+  ev = [(float(s), _float(r.get(Col.EVAL_LOSS))) for s, r in zip(steps, recs)
+        if r.get(Col.EVAL_LOSS) is not None]
+  out[EVAL_STEP] = np.array([s for s, _ in ev], dtype=float)
+  out[Col.EVAL_LOSS] = np.array([v for _, v in ev], dtype=float)
   return out
 
 
-def run_row(config: Mapping[str, Any], curves: Mapping[str, np.ndarray],
-            status: Mapping[str, Any] | None, workdir: str = "") -> dict[str, Any]:
-  """One row of the runs table from config.json content, curves and status.json content."""
-  derived = dict(config.get("derived", {}))
-  row: dict[str, Any] = {"workdir": workdir, "name": workdir.rstrip("/").rsplit("/", 1)[-1],
-                         "arg": config.get("arg", "")}
+def run_row(derived: Mapping[str, Any], curves: Mapping[str, np.ndarray],
+            status: wd.Status | None, workdir: str = "", arg: str = "") -> dict[str, Any]:
+  """One row of the runs table from a run plan (config.json `derived`), curves and status."""
+  row: dict[str, Any] = {"workdir": workdir, "name": workdir.rstrip("/").rsplit("/", 1)[-1]}
   for key in SETTING_KEYS:
     row[key] = derived.get(key)
+  row["arg"] = row["arg"] or arg
   if row["batch_tokens"] is None and row["batch_sequences"] and row["seq_len"]:
     row["batch_tokens"] = row["batch_sequences"] * row["seq_len"]
   if row["size"] is None:
-    row["size"] = config.get("config", {}).get("model", {}).get("size", "?")
+    row["size"] = "?"
   empty = np.zeros(0)
-  for key in ("step", *CURVE_KEYS, "eval_step", "eval_loss"):
+  for key in (Col.STEP, *CURVE_KEYS, EVAL_STEP, Col.EVAL_LOSS):
     row[key] = np.asarray(curves.get(key, empty), dtype=float)
-  if len(row["tokens"]) and np.all(np.isnan(row["tokens"])) and row["batch_tokens"]:
-    row["tokens"] = row["step"] * row["batch_tokens"]
-  status = dict(status or {})
-  row["status"] = status.get("status", "unknown")
-  row["reason"] = status.get("reason", "")
-  loss = row["train_loss"]
+  if len(row[Col.TOKENS]) and np.all(np.isnan(row[Col.TOKENS])) and row["batch_tokens"]:
+    row[Col.TOKENS] = row[Col.STEP] * row["batch_tokens"]
+  row["status"] = status.status if status else UNKNOWN
+  row["reason"] = status.reason if status else ""
+  loss = row[Col.TRAIN_LOSS]
   finite = np.isfinite(loss)
-  row["diverged"] = row["status"] == "diverged" or bool(len(loss) and not finite.all())
-  row["last_step"] = float(row["step"][-1]) if len(row["step"]) else 0.0
+  row["diverged"] = row["status"] == wd.DIVERGED or bool(len(loss) and not finite.all())
+  row["last_step"] = float(row[Col.STEP][-1]) if len(row[Col.STEP]) else 0.0
   row["final_train_loss"] = float(loss[finite][-1]) if finite.any() else math.nan
-  row["has_noise_scale"] = bool(np.isfinite(row["b_simple_tokens"]).any())
+  row["has_noise_scale"] = bool(np.isfinite(row[Col.B_SIMPLE_TOKENS]).any())
   return row
 
 
-def _read_json(path: epath.Path) -> dict[str, Any] | None:
+def _read_status(workdir: epath.Path) -> wd.Status | None:
   try:
-    return json.loads(path.read_text())
-  except FileNotFoundError:
+    status = wd.read_status(workdir)
+  except ConfigError as e:
+    _warn(f"{e}; status '{UNKNOWN}'")
     return None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    _warn(f"{path}: unreadable JSON ({e})")
-    return None
+  if status is None:
+    _warn(f"{workdir}: {wd.STATUS} missing; status '{UNKNOWN}'")
+  return status
+
+
+def _read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
+  """Metric rows; every unreadable line is reported with its file and line number."""
+  try:
+    rows, bad = wd.read_metrics(workdir)
+  except (OSError, UnicodeDecodeError) as e:
+    _warn(f"{workdir}: metrics cannot be read ({type(e).__name__}: {e}); run has no curves")
+    return []
+  for line in bad:
+    kind = "truncated last line (killed mid-write?)" if wd.torn_tail([line]) else line.problem
+    _warn(f"{line.path}:{line.line}: {kind}; line skipped")
+  if not rows:
+    _warn(f"{workdir}: no metric rows in {wd.METRICS}; run has no curves")
+  return rows
 
 
 def load_run(workdir: PathLike) -> dict[str, Any] | None:
-  """Loads one workdir as a row; None (with a warning) when it has no usable config.json."""
+  """Loads one workdir as a row; None (with a warning) when config.json is missing or damaged."""
   workdir = epath.Path(workdir)
-  config = _read_json(workdir / "config.json")
-  if config is None:
-    _warn(f"{workdir}: no readable config.json; not a run, skipped")
-    return None
-  status = _read_json(workdir / "status.json")
-  if status is None:
-    _warn(f"{workdir}: status.json missing; status 'unknown'")
   try:
-    text = (workdir / "metrics.jsonl").read_text()
-  except FileNotFoundError:
-    _warn(f"{workdir}: metrics.jsonl missing; run has no curves")
-    text = ""
-  records = parse_metrics(text, where=f"{workdir}/metrics.jsonl")
-  row = run_row(config, curves_from_records(records), status, workdir=str(workdir))
-  if row["status"] in ("diverged", "failed"):
-    _warn(f"{workdir}: run {row['status']} at step {status.get('step') if status else '?'} "
-          f"({row['reason'] or 'no reason'}); targets after that count as never reached")
+    config = wd.read_config(workdir)
+  except ConfigError as e:
+    _warn(f"{str(e).replace('; ' + wd.CONFIG_FIX, '')}; run skipped")
+    return None
+  if config is None:
+    _warn(f"{workdir}: no {wd.CONFIG}; not a run, skipped")
+    return None
+  status = _read_status(workdir)
+  curves = curves_from_records(_read_metrics(workdir))
+  row = run_row(config.derived, curves, status, workdir=str(workdir), arg=config.arg)
+  if status and status.status in (wd.DIVERGED, wd.FAILED):
+    _warn(f"{workdir}: run {status.describe()}; targets after that count as never reached"
+          if status.status == wd.DIVERGED else
+          f"{workdir}: run {status.describe()}; it resumes when its command runs again")
   return row
 
 
@@ -181,8 +205,7 @@ def runs_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     return df
   # Numeric settings as floats, NaN where missing: fixed-budget runs write target_loss = null,
   # stop-at-target runs may write max_tokens = null, and a None column would break arithmetic.
-  for key in ("n_params", "batch_sequences", "batch_tokens", "learning_rate", "seed",
-              "target_loss", "max_tokens", "vocab_size", "seq_len"):
+  for key in NUMERIC_SETTINGS:
     df[key] = pd.to_numeric(df[key], errors="coerce")
   df = df.sort_values(["n_params", "batch_tokens", "learning_rate", "seed"], kind="stable")
   return df.reset_index(drop=True)
@@ -196,7 +219,7 @@ def load_runs(workdirs: PathLike | Sequence[PathLike]) -> pd.DataFrame:
   for root in workdirs:
     dirs = find_run_dirs(root)
     if not dirs:
-      _warn(f"{root}: no run workdirs (directories with config.json) found")
+      _warn(f"{root}: no run workdirs (directories with {wd.CONFIG}) found")
     for d in dirs:
       row = load_run(d)
       if row is not None:
@@ -208,9 +231,14 @@ def load_runs(workdirs: PathLike | Sequence[PathLike]) -> pd.DataFrame:
 
 def read_sweep_targets(root: PathLike) -> list[float] | None:
   """Target losses recorded by the launcher in ROOT/sweep.json ({"targets": [...]}), if any."""
-  path = epath.Path(root) / "sweep.json"
-  if not path.exists():
+  targets = (_sweep_record(epath.Path(root)) or {}).get("targets")
+  if not targets:
     return None
-  data = _read_json(path) or {}
-  targets = data.get("targets")
-  return [float(t) for t in targets] if targets else None
+  try:
+    if not isinstance(targets, list):
+      raise TypeError
+    return [float(t) for t in targets]
+  except (TypeError, ValueError):
+    _warn(f"{epath.Path(root) / sweep_lib.SWEEP_JSON}: 'targets' is not a list of numbers "
+          f"({targets!r}); ignored")
+    return None

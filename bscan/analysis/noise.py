@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 
 from bscan.analysis import targets as targets_lib
+from bscan.workdir import Col
 
-CLOUD_COLUMNS = ("size", "n_params", "batch_tokens", "learning_rate", "step", "train_loss",
-                 "b_simple_tokens", "b_noise_tokens")
+CLOUD_COLUMNS = ("size", "n_params", "batch_tokens", "learning_rate", Col.STEP,
+                 Col.TRAIN_LOSS, Col.B_SIMPLE_TOKENS, Col.B_NOISE_TOKENS)
 
 
 def noise_scale_cloud(runs: pd.DataFrame, window: float = targets_lib.DEFAULT_WINDOW,
@@ -22,12 +23,12 @@ def noise_scale_cloud(runs: pd.DataFrame, window: float = targets_lib.DEFAULT_WI
   """
   parts = []
   for _, run in runs.iterrows():
-    step, loss = targets_lib.finite_prefix(run["step"], run["train_loss"])
+    step, loss = targets_lib.finite_prefix(run[Col.STEP], run[Col.TRAIN_LOSS])
     n = len(step)
     if n == 0:
       continue
-    b_simple = np.asarray(run["b_simple_tokens"], float)[:n]
-    b_noise = np.asarray(run["b_noise_tokens"], float)[:n]
+    b_simple = np.asarray(run[Col.B_SIMPLE_TOKENS], float)[:n]
+    b_noise = np.asarray(run[Col.B_NOISE_TOKENS], float)[:n]
     measured = (step >= min_step) & ((np.isfinite(b_simple) & (b_simple > 0))
                                      | (np.isfinite(b_noise) & (b_noise > 0)))
     if not measured.any():
@@ -39,9 +40,10 @@ def noise_scale_cloud(runs: pd.DataFrame, window: float = targets_lib.DEFAULT_WI
       idx = np.unique(idx[np.clip(np.searchsorted(step[idx], want), 0, len(idx) - 1)])
     parts.append(pd.DataFrame({
         "size": run["size"], "n_params": run["n_params"], "batch_tokens": run["batch_tokens"],
-        "learning_rate": run["learning_rate"], "step": step[idx], "train_loss": smoothed[idx],
-        "b_simple_tokens": np.where(b_simple[idx] > 0, b_simple[idx], np.nan),
-        "b_noise_tokens": np.where(b_noise[idx] > 0, b_noise[idx], np.nan)}))
+        "learning_rate": run["learning_rate"], Col.STEP: step[idx],
+        Col.TRAIN_LOSS: smoothed[idx],
+        Col.B_SIMPLE_TOKENS: np.where(b_simple[idx] > 0, b_simple[idx], np.nan),
+        Col.B_NOISE_TOKENS: np.where(b_noise[idx] > 0, b_noise[idx], np.nan)}))
   if not parts:
     return pd.DataFrame(columns=list(CLOUD_COLUMNS))
   return pd.concat(parts, ignore_index=True)[list(CLOUD_COLUMNS)]

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 
 import numpy as np
 import pandas as pd
 from etils import epath
 
+from bscan import sweep as sweep_lib
+from bscan import workdir as wd
 from bscan.analysis import load
+
+Col = wd.Col
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,26 +122,30 @@ def simulate_curves(scan: Scan, size: ModelSize, batch_tokens: int, slowdown: fl
   eval_loss = clean[is_eval] + 0.01 + 0.003 * rng.standard_normal(is_eval.sum())
   b_simple = truth.b_crit(clean) * np.exp(scan.noise_scale_scatter * rng.standard_normal(len(step)))
   b_simple[step < 10] = np.nan  # the EMA ratio is undefined during its first steps
-  return {"step": step, "tokens": step * batch_tokens, "train_loss": train,
-          "eval_step": step[is_eval], "eval_loss": eval_loss, "b_simple_tokens": b_simple,
-          "b_noise_tokens": np.full(len(step), np.nan)}
+  return {Col.STEP: step, Col.TOKENS: step * batch_tokens, Col.TRAIN_LOSS: train,
+          load.EVAL_STEP: step[is_eval], Col.EVAL_LOSS: eval_loss, Col.B_SIMPLE_TOKENS: b_simple,
+          Col.B_NOISE_TOKENS: np.full(len(step), np.nan)}
 
 
-def run_config(scan: Scan, size: ModelSize, batch_sequences: int, lr: float, seed: int) -> dict:
-  """config.json content of one synthetic run, in the trainer's format."""
-  arg = f"size={size.name},batch={batch_sequences},lr={lr:g},seed={seed}"
-  return {
-      "config": {"seed": seed, "seq_len": scan.seq_len, "batch_size": batch_sequences,
-                 "model": {"size": size.name}, "data": {"name": "synthetic"},
-                 "tokenizer": {"name": "bytes"}},
-      "arg": arg,
-      "derived": {"size": size.name, "n_params": size.n_params, "n_layer": 2, "d_model": 128,
-                  "seq_len": scan.seq_len, "batch_sequences": batch_sequences,
-                  "batch_tokens": batch_sequences * scan.seq_len, "learning_rate": lr,
-                  "seed": seed, "microbatch_sequences": 1, "num_devices": 1,
-                  "num_microbatches": batch_sequences, "target_loss": min(scan.targets),
-                  "max_tokens": scan.max_steps * batch_sequences * scan.seq_len,
-                  "vocab_size": 256, "dataset": "synthetic", "tokenizer": "bytes"}}
+def run_plan(scan: Scan, size: ModelSize, batch_sequences: int, lr: float, seed: int
+             ) -> wd.RunPlan:
+  """The run plan (config.json `derived`) of one synthetic run."""
+  return wd.RunPlan(
+      arg=f"size={size.name},batch={batch_sequences},lr={lr:g},seed={seed}", size=size.name,
+      n_params=size.n_params, n_params_embedding=256 * 128, n_layer=2, d_model=128,
+      seq_len=scan.seq_len, batch_sequences=batch_sequences,
+      batch_tokens=batch_sequences * scan.seq_len, learning_rate=lr, seed=seed, num_devices=1,
+      per_device_sequences=batch_sequences, num_microbatches=batch_sequences,
+      microbatch_sequences=1, microbatch_tokens=scan.seq_len, warmup_steps=10,
+      max_steps=scan.max_steps, max_tokens=scan.max_steps * batch_sequences * scan.seq_len,
+      target_loss=min(scan.targets), vocab_size=256, dataset="synthetic", tokenizer="bytes")
+
+
+def run_config(scan: Scan, size: ModelSize, batch_sequences: int, seed: int) -> dict:
+  """The config part of config.json of one synthetic run (a stand-in for the trainer's)."""
+  return {"seed": seed, "seq_len": scan.seq_len, "batch_size": batch_sequences,
+          "model": {"size": size.name}, "data": {"name": "synthetic"},
+          "tokenizer": {"name": "bytes"}}
 
 
 def _points(scan: Scan):
@@ -147,86 +156,115 @@ def _points(scan: Scan):
           yield size, b, lr, slowdown, seed
 
 
+def relpath(size: ModelSize, batch_sequences: int, lr: float, seed: int) -> str:
+  """A run's workdir in its sweep, as the launchers name it: '3m/b64/lr1e-3/s0'."""
+  return sweep_lib.point_relpath({"size": size.name, "batch": batch_sequences, "lr": lr,
+                                  "seed": seed})
+
+
 def simulate_runs(scan: Scan = Scan(), seed: int = 0) -> pd.DataFrame:
   """The runs table of a synthetic sweep, built in memory (no files)."""
   rng = np.random.default_rng(seed)
   rows = []
   for size, b, lr, slowdown, run_seed in _points(scan):
     curves = simulate_curves(scan, size, b * scan.seq_len, slowdown, rng)
-    status = {"status": "done", "reason": "reached target", "step": int(curves["step"][-1])}
-    rows.append(load.run_row(run_config(scan, size, b, lr, run_seed), curves, status,
-                             workdir=f"{size.name}_b{b}_lr{lr:g}_s{run_seed}"))
+    last = int(curves[Col.STEP][-1])
+    status = wd.Status(wd.DONE, "reached target", last, last * b * scan.seq_len)
+    plan = run_plan(scan, size, b, lr, run_seed)
+    rows.append(load.run_row(dataclasses.asdict(plan), curves, status,
+                             workdir=relpath(size, b, lr, run_seed)))
   return load.runs_table(rows)
 
 
-def _records(curves: dict[str, np.ndarray]) -> list[dict]:
-  """Per-step JSON records as the trainer writes them (NaN as null)."""
-  evals = dict(zip(curves["eval_step"].tolist(), curves["eval_loss"].tolist()))
+def metric_rows(curves: dict[str, np.ndarray]) -> list[dict]:
+  """Per-step metric rows as the trainer logs them (a subset of its columns)."""
+  evals = dict(zip(curves[load.EVAL_STEP].tolist(), curves[Col.EVAL_LOSS].tolist()))
   out = []
-  for i, s in enumerate(curves["step"].tolist()):
-    b_simple = curves["b_simple_tokens"][i]
-    rec = {"step": int(s), "tokens": int(curves["tokens"][i]),
-           "train_loss": float(curves["train_loss"][i]), "lr": 1e-3, "grad_norm": 1.0,
-           "b_simple_tokens": None if np.isnan(b_simple) else float(b_simple)}
+  for i, s in enumerate(curves[Col.STEP].tolist()):
+    row = {Col.STEP: int(s), Col.TOKENS: int(curves[Col.TOKENS][i]),
+           Col.TRAIN_LOSS: float(curves[Col.TRAIN_LOSS][i]), Col.LR: 1e-3, Col.GRAD_NORM: 1.0,
+           Col.B_SIMPLE_TOKENS: float(curves[Col.B_SIMPLE_TOKENS][i])}  # NaN is written as null
     if s in evals:
-      rec["eval_loss"] = evals[s]
-    out.append(rec)
+      row[Col.EVAL_LOSS] = evals[s]
+    out.append(row)
   return out
 
 
-def _write_run(workdir: epath.Path, config: dict, records: list[dict], status: dict | None,
-               truncate_last: bool = False) -> None:
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(config, indent=1))
-  lines = [json.dumps(r) for r in records]
-  text = "\n".join(lines) + ("\n" if lines else "")
-  if truncate_last and lines:  # a run killed while writing its last line
-    text = "\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2]
-  if records or truncate_last:
-    (workdir / "metrics.jsonl").write_text(text)
+def write_run(workdir: epath.PathLike, plan: wd.RunPlan, config: dict, rows: list[dict],
+              status: wd.Status | None) -> epath.Path:
+  """Writes a run's files through bscan.workdir, the trainer's own writers."""
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  wd.write_config(path, config, plan.arg, plan)
+  writer = wd.MetricsWriter(path, tensorboard=False)
+  for row in rows:
+    writer.write(row)
+  writer.close()
   if status is not None:
-    (workdir / "status.json").write_text(json.dumps(status))
+    wd.write_status(path, status.status, status.reason, status.step, status.tokens)
+  return path
+
+
+def _damage(path: epath.Path, edit) -> None:
+  """Rewrites a run file with `edit(text)`: what a kill or a careless edit leaves."""
+  path.write_text(edit(path.read_text()))
+
+
+def _replace_line(text: str, index: int, line: str) -> str:
+  lines = text.splitlines(keepends=True)
+  lines[index] = line + "\n"
+  return "".join(lines)
 
 
 def write_sweep(root: epath.PathLike, scan: Scan = Scan(), seed: int = 0,
                 messy: bool = True) -> epath.Path:
-  """Writes a synthetic sweep: one workdir per run plus ROOT/sweep.json with the targets.
+  """Writes a synthetic sweep as a launcher lays it out: ROOT/sweep.json and one workdir a point.
 
-  With `messy`, the sweep also has what real sweeps have: a run killed mid-write (truncated last
-  line, status 'running'), a run without status.json, a diverged run at a too-high learning
-  rate, and a run that failed before logging anything.
+  With `messy`, the sweep also has what real, finished sweeps have: a run killed mid-write
+  after reaching every target (truncated last line, status 'running'), a run without
+  status.json, a metrics line that is not an object, a diverged run at a too-high learning
+  rate, and a point whose config.json is damaged.
   """
   root = epath.Path(root)
-  root.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
+  points = []
   for i, (size, b, lr, slowdown, run_seed) in enumerate(_points(scan)):
     curves = simulate_curves(scan, size, b * scan.seq_len, slowdown, rng)
-    last = int(curves["step"][-1])
-    status = {"status": "done", "reason": "reached target loss", "step": last,
-              "tokens": last * b * scan.seq_len, "updated": "2025-01-01T00:00:00"}
-    truncated = messy and i == 1
-    if truncated:
-      status = dict(status, status="running", reason="")
+    last = int(curves[Col.STEP][-1])
+    status = wd.Status(wd.DONE, "reached target loss", last, last * b * scan.seq_len)
+    if messy and i == 1:
+      status = dataclasses.replace(status, status=wd.RUNNING, reason="")
     if messy and i == 2:
       status = None
-    _write_run(root / f"{size.name}_b{b}_lr{lr:g}_s{run_seed}",
-               run_config(scan, size, b, lr, run_seed), _records(curves), status,
-               truncate_last=truncated)
+    path = write_run(root / relpath(size, b, lr, run_seed), run_plan(scan, size, b, lr, run_seed),
+                     run_config(scan, size, b, run_seed), metric_rows(curves), status)
+    if messy and i == 1:  # killed while writing its last line
+      _damage(path / wd.METRICS, lambda t: t[:-len(t.splitlines()[-1]) // 2])
+    if messy and i == 3:  # valid JSON, not an object
+      _damage(path / wd.METRICS, lambda t: _replace_line(t, 50, "[1, 2]"))
+    points.append((size, b, lr, run_seed))
   if messy:
     size, b = scan.sizes[-1], scan.batch_sequences[-1]
     lr = 10 * max(lr for lr, _ in scan.learning_rates)
     curves = simulate_curves(scan, size, b * scan.seq_len, 1.3, rng)
-    cut = len(curves["step"]) // 3
-    records = _records({k: v if k.startswith("eval") else v[:cut] for k, v in curves.items()})
-    records = [r for r in records if r["step"] <= curves["step"][cut - 1]]
-    for r in records[-5:]:  # loss blows up, then NaN (written as null)
-      r["train_loss"] *= 3.0
-    records.append({"step": records[-1]["step"] + 1, "train_loss": None})
-    _write_run(root / f"{size.name}_b{b}_lr{lr:g}_s0", run_config(scan, size, b, lr, 0), records,
-               {"status": "diverged", "reason": "non-finite loss", "step": records[-1]["step"]})
-    _write_run(root / f"{size.name}_b{b}_lr{lr:g}_s1", run_config(scan, size, b, lr, 1), [],
-               {"status": "failed", "reason": "preempted before the first step", "step": 0})
-  (root / "sweep.json").write_text(json.dumps({"targets": list(scan.targets)}))
+    cut = len(curves[Col.STEP]) // 3
+    rows = metric_rows({k: v if k in (load.EVAL_STEP, Col.EVAL_LOSS) else v[:cut]
+                        for k, v in curves.items()})
+    rows = [r for r in rows if r[Col.STEP] <= curves[Col.STEP][cut - 1]]
+    for r in rows[-5:]:  # loss blows up, then NaN (written as null)
+      r[Col.TRAIN_LOSS] *= 3.0
+    step = rows[-1][Col.STEP] + 1
+    rows.append({Col.STEP: step, Col.TRAIN_LOSS: math.nan})
+    plan = run_plan(scan, size, b, lr, 0)
+    write_run(root / relpath(size, b, lr, 0), plan, run_config(scan, size, b, 0), rows,
+              wd.Status(wd.DIVERGED, "non-finite loss", step, step * plan.batch_tokens))
+    damaged = write_run(root / relpath(size, b, lr, 1), run_plan(scan, size, b, lr, 1),
+                        run_config(scan, size, b, 1), [], None)
+    _damage(damaged / wd.CONFIG, lambda t: t[: len(t) // 2])  # e.g. a disk that filled up
+    points += [(size, b, lr, 0), (size, b, lr, 1)]
+  sweep = sweep_lib.Sweep(points=[{"size": z.name, "batch": b, "lr": lr, "seed": s}
+                                  for z, b, lr, s in points], targets=scan.targets)
+  sweep_lib.write_sweep_json("synthetic", sweep, str(root))
   return root
 
 

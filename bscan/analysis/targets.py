@@ -38,6 +38,10 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
+from bscan import workdir as wd
+from bscan.errors import ConfigError
+from bscan.analysis.load import EVAL_STEP
+
 DEFAULT_WINDOW = 0.1  # half-width of the smoothing window in log(step)
 DEFAULT_MIN_STEP = 10.0  # targets reached earlier are unreliable
 MEDIAN_POINTS = 5  # running median over this many logged points: the robust pilot curve
@@ -46,7 +50,7 @@ MIN_NOISE = 1e-3  # nats: floor of the robust s.d. (noise-free curves), far belo
 # Settings of a run that make its loss a different quantity: runs that differ in any of them are
 # not points of one batch-size scan, and their losses are not comparable.
 COMPARABLE_KEYS = ("dataset", "tokenizer", "vocab_size", "seq_len")
-LOSS_COLUMNS = {"train": ("step", "train_loss"), "eval": ("eval_step", "eval_loss")}
+LOSS_COLUMNS = {"train": (wd.Col.STEP, wd.Col.TRAIN_LOSS), "eval": (EVAL_STEP, wd.Col.EVAL_LOSS)}
 
 
 def finite_prefix(step: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +161,7 @@ def _as_float(value) -> float:
 
 
 def check_comparable(runs: pd.DataFrame) -> None:
-  """Raises ValueError when runs of one model size differ in data, tokenizer or sequence length.
+  """Raises ConfigError when runs of one model size differ in data, tokenizer or sequence length.
 
   Such runs measure loss in different units (or on different data), so the best run per batch
   size and the S/E fit would compare numbers that do not compare. Missing values are ignored.
@@ -169,10 +173,19 @@ def check_comparable(runs: pd.DataFrame) -> None:
     for key in keys:
       values = sorted({str(v) for v in group[key] if v is not None and not pd.isna(v)})
       if len(values) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"size {size} (n_params {n_params}) mixes runs with different {key}: "
             f"{', '.join(values)}. Their losses are not comparable: analyse each {key} "
             f"separately (pass their sweep directories to separate analyses).")
+
+
+def unfinished(run: pd.Series) -> bool:
+  """Whether a run may still log rows: not done or diverged (failed and preempted resume)."""
+  return run.get("status", wd.DONE) not in wd.FINAL_STATES and not run.get("diverged", False)
+
+
+PER_RUN_COLUMNS = ["run", "name", "status", "size", "n_params", "batch_tokens", "learning_rate",
+                   "seed", "target", "steps", "tokens", "pending"]
 
 
 def steps_to_targets(runs: pd.DataFrame, targets: Sequence[float], loss: str = "train",
@@ -180,31 +193,65 @@ def steps_to_targets(runs: pd.DataFrame, targets: Sequence[float], loss: str = "
                      ) -> pd.DataFrame:
   """Per run and target: steps and tokens to reach it (NaN when not reached reliably).
 
+  `pending` marks an unfinished run that has not yet reached a target it may still reach. An
+  unfinished run's crossing counts only once a whole smoothing window of later steps is logged
+  (its last step >= crossing * e^window): until then more rows can still move it.
+
   Raises:
-    ValueError: runs of one model size differ in dataset, tokenizer, vocab size or seq_len.
+    ConfigError: runs of one model size differ in dataset, tokenizer, vocab size or seq_len.
   """
   step_col, loss_col = LOSS_COLUMNS[loss]
   check_comparable(runs)
+  settled = float(np.exp(window))
   rows = []
   for idx, run in runs.iterrows():
     stop_target = _as_float(run.get("target_loss", np.nan))  # null for fixed-budget runs
     s_env, env = envelope(run[step_col], run[loss_col], window)
+    logged = finite_prefix(run[step_col], run[loss_col])[0]
+    last = float(logged[-1]) if len(logged) else 0.0
+    open_run = unfinished(run)
     for target in targets:
       s = _first_reach(s_env, env, target, min_step)
+      pending = False
       if np.isfinite(stop_target) and target < stop_target - 1e-9:
         # Below the loss this run was told to stop at: only the runs that overshot it by
         # chance (small batches) would count, a biased subset. Not a target for this run.
         s = np.nan
-      rows.append({"run": idx, "size": run["size"], "n_params": run["n_params"],
-                   "batch_tokens": run["batch_tokens"], "learning_rate": run["learning_rate"],
-                   "seed": run["seed"], "target": float(target), "steps": s,
-                   "tokens": s * run["batch_tokens"]})
-  return pd.DataFrame(rows, columns=["run", "size", "n_params", "batch_tokens", "learning_rate",
-                                     "seed", "target", "steps", "tokens"])
+      elif open_run and not s * settled <= last:  # not reached yet, or not settled
+        s, pending = np.nan, True
+      rows.append({"run": idx, "name": run.get("name", str(idx)),
+                   "status": run.get("status", wd.DONE), "size": run["size"],
+                   "n_params": run["n_params"], "batch_tokens": run["batch_tokens"],
+                   "learning_rate": run["learning_rate"], "seed": run["seed"],
+                   "target": float(target), "steps": s, "tokens": s * run["batch_tokens"],
+                   "pending": pending})
+  return pd.DataFrame(rows, columns=PER_RUN_COLUMNS)
+
+
+_GROUP = ["size", "n_params", "target"]
+
+
+def pending_targets(per_run: pd.DataFrame) -> pd.DataFrame:
+  """Per (model size, target) not yet fittable: the unfinished runs it waits for, by name."""
+  waiting = per_run[per_run["pending"].astype(bool)] if "pending" in per_run else per_run[:0]
+  groups = waiting.groupby(_GROUP, sort=True, dropna=False)
+  rows = [{"size": size, "n_params": n_params, "target": float(target),
+           "runs": sorted(group["name"].astype(str).unique()),
+           "statuses": sorted(group["status"].astype(str).unique())}
+          for (size, n_params, target), group in groups]
+  return pd.DataFrame(rows, columns=[*_GROUP, "runs", "statuses"])
 
 
 def best_steps(per_run: pd.DataFrame) -> pd.DataFrame:
-  """Best (fewest) steps per (model size, batch size, target) over learning rates and seeds."""
+  """Best (fewest) steps per (model size, batch size, target) over learning rates and seeds.
+
+  A (model size, target) that an unfinished run may still reach is left out altogether: its
+  run could become the best of its batch size, or add a batch size, so any fit would bend.
+  """
+  if "pending" in per_run:
+    blocked = per_run.groupby(_GROUP, sort=False, dropna=False)["pending"].transform("any")
+    blocked = blocked.astype(bool)
+    per_run = per_run[~blocked]
   reached = per_run[np.isfinite(per_run["steps"])]
   if reached.empty:
     return reached.assign(n_candidates=pd.Series(dtype=int)).reset_index(drop=True)
@@ -213,6 +260,38 @@ def best_steps(per_run: pd.DataFrame) -> pd.DataFrame:
   counts = per_run.groupby(keys, sort=False).size().rename("n_candidates")
   best = best.join(counts, on=keys)
   return best.sort_values(["n_params", "target", "batch_tokens"]).reset_index(drop=True)
+
+
+def _loss_range(runs: pd.DataFrame, loss: str, window: float, min_step: float
+                ) -> list[tuple[str, float, float, float]]:
+  """Per (model size, batch size): size, n_params, highest reliable and lowest countable loss.
+
+  Lowest countable: the lowest smoothed loss after `min_step`, but not below the runs' stop
+  targets (steps_to_targets does not count a target below a run's own stop target).
+  """
+  step_col, loss_col = LOSS_COLUMNS[loss]
+  rows = []
+  for (size, n_params, _), group in runs.groupby(["size", "n_params", "batch_tokens"]):
+    hi, lo = -np.inf, np.inf
+    for _, run in group.iterrows():
+      s, env = envelope(run[step_col], run[loss_col], window)
+      later = env[s >= min_step]
+      stop_target = _as_float(run.get("target_loss", np.nan))
+      if len(later) >= 2:
+        lowest = max(later[-1], stop_target) if np.isfinite(stop_target) else later[-1]
+        hi, lo = max(hi, later[0]), min(lo, lowest)
+    if np.isfinite(hi) and lo < hi:
+      rows.append((str(size), n_params, hi, lo))
+  return rows
+
+
+def lowest_fittable_loss(runs: pd.DataFrame, loss: str = "train", window: float = DEFAULT_WINDOW,
+                         min_step: float = DEFAULT_MIN_STEP) -> dict[str, float]:
+  """Per model size, the lowest loss that 3 batch sizes reach countably (none: not listed)."""
+  lows: dict[str, list[float]] = {}
+  for size, _, _, lo in _loss_range(runs, loss, window, min_step):
+    lows.setdefault(size, []).append(lo)
+  return {size: sorted(v)[2] for size, v in lows.items() if len(v) >= 3}
 
 
 def choose_targets(runs: pd.DataFrame, n: int = 5, loss: str = "train",
@@ -226,22 +305,10 @@ def choose_targets(runs: pd.DataFrame, n: int = 5, loss: str = "train",
   the upper half is early training (warmup, initial transient), where S(B) = S_min + E_min/B
   describes the data least well.
   """
-  step_col, loss_col = LOSS_COLUMNS[loss]
   check_comparable(runs)
-  rows = []  # per (model size, batch size): highest reliable target, lowest countable loss
-  for (n_params, _), group in runs.groupby(["n_params", "batch_tokens"]):
-    hi, lo = -np.inf, np.inf
-    for _, run in group.iterrows():
-      s, env = envelope(run[step_col], run[loss_col], window)
-      later = env[s >= min_step]
-      stop_target = _as_float(run.get("target_loss", np.nan))
-      if len(later) >= 2:
-        lowest = max(later[-1], stop_target) if np.isfinite(stop_target) else later[-1]
-        hi, lo = max(hi, later[0]), min(lo, lowest)
-    if np.isfinite(hi) and lo < hi:
-      rows.append((n_params, hi, lo))
+  rows = [(n_params, hi, lo) for _, n_params, hi, lo in _loss_range(runs, loss, window, min_step)]
   if not rows:
-    raise ValueError("no runs with loss curves to choose targets from")
+    raise ConfigError("no runs with loss curves to choose targets from")
   sizes, his, los = (np.array(c) for c in zip(*rows))
   grid = np.geomspace(los.min(), his.max(), 400)
   reach = (los[None, :] < grid[:, None]) & (grid[:, None] < his[None, :])  # [grid, runs]
@@ -250,7 +317,7 @@ def choose_targets(runs: pd.DataFrame, n: int = 5, loss: str = "train",
   if not len(usable):  # settle for the fewest batch sizes a fit accepts
     usable = grid[(counts >= 3).any(axis=1)]
   if not len(usable):
-    raise ValueError("no loss is reached by 3 batch sizes of any one model size: nothing to fit "
+    raise ConfigError("no loss is reached by 3 batch sizes of any one model size: nothing to fit "
                      "(give targets explicitly to see the runs anyway)")
   lo, hi = min(usable), max(usable)
   upper = np.exp(0.5 * (np.log(lo) + np.log(hi)))

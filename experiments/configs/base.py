@@ -64,6 +64,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The stop condition smooths the train loss over this many tokens (an EMA time constant in
   # tokens, not steps: a 256-token batch's loss is far noisier than an 8k-token batch's).
   c.budget.smoothing_tokens = 30_000
+  # Divergence beyond NaN/inf: the train loss above the first step's loss plus this many nats
+  # for diverge_patience consecutive steps (0 = NaN/inf only) ends the run as diverged.
+  c.budget.diverge_margin = 3.0
+  c.budget.diverge_patience = 20
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0  # linear eval cadence (0 = off)
@@ -101,7 +105,9 @@ def apply_args(c: ml_collections.ConfigDict, args: dict) -> ml_collections.Confi
       for p in parents:
         node = node[p]
       kind = type(node[leaf])
-      if kind is int and value != int(value):
-        raise config_lib.ConfigError(f"arg {key}={value} must be an integer")
+      if kind in (int, float) and not isinstance(value, (int, float)) or (
+          kind is int and value != int(value)):
+        raise config_lib.ConfigError(
+            f"arg {key}={value} must be {'an integer' if kind is int else 'a number'}")
       node[leaf] = kind(value)
   return c
