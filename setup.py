@@ -26,7 +26,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "test": ["pytest>=8", "pytest-xdist>=3.6", "nbclient>=0.10", "nbformat>=5.10",
-             "nbmake>=1.5", "ipykernel>=6.29", "submitit>=1.5"],
+             "nbmake>=1.5", "ipykernel>=6.29", "submitit>=1.5", "psutil>=5.9"],
     "tf": ["tensorflow-cpu"],
     "gcs": ["gcsfs"],
     "slurm": ["submitit>=1.5"],
