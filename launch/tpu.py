@@ -52,21 +52,15 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from absl import flags
-from packaging import requirements
 
 from bscan import sweep as sweep_lib
 from bscan import workdir as workdir_lib
 from bscan.errors import ConfigError
 from launch import cli
 from launch import remote
+from launch import tpu_inputs
 
 ACTIONS = ("create", "run", "up", "status", "delete")
-ZONE_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
-ACCELERATOR_RE = re.compile(r"^(v2|v3|v4|v5p|v5litepod|v6e)-([0-9]+)$")
-TPU_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-# Plain path characters only: no shell word splitting, globbing, expansion or 'host:' part.
-REMOTE_DIR_RE = re.compile(r"^[A-Za-z0-9._/~-]+$")
-_LOCAL_PACKAGE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".zip")
 # Default TPU VM images per generation (cloud.google.com/tpu/docs/runtimes).
 RUNTIMES = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
             "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite", "v6e": "v2-alpha-tpuv6e"}
@@ -131,57 +125,6 @@ def subprocess_runner(argv: Sequence[str], capture: bool) -> str:
   return result.stdout or ""
 
 
-def validate_zone(zone: str) -> str:
-  """Returns zone, or raises ConfigError for strings gcloud would reject (us-central2-b)."""
-  if not zone or not ZONE_RE.fullmatch(zone):
-    raise ConfigError(f"--zone={zone!r} is not a zone like us-central2-b or europe-west4-a")
-  return zone
-
-
-def validate_accelerator(accelerator: str) -> str:
-  """Returns the TPU generation of e.g. 'v4-8'; ConfigError for malformed types."""
-  m = ACCELERATOR_RE.fullmatch(accelerator or "")
-  n = int(m.group(2)) if m else 0
-  if not m or n < 1 or n & (n - 1) or (m.group(1) in ("v2", "v3", "v4", "v5p") and n < 8):
-    raise ConfigError(f"--accelerator_type={accelerator!r} is not a TPU type like v4-8, "
-                     "v5litepod-16, v5p-128 or v6e-8 (generation-cores/chips, a power of 2)")
-  return m.group(1)
-
-
-def validate_remote_dir(remote_dir: str) -> str:
-  """Returns remote_dir; ConfigError unless it holds only plain path characters."""
-  if not REMOTE_DIR_RE.fullmatch(remote_dir) or remote_dir.startswith("-"):
-    raise ConfigError(f"--remote_dir={remote_dir!r}: use only letters, digits and ._/~- (not "
-                      "first '-'): it lands in an scp destination, which the worker's shell "
-                      "expands")
-  return remote_dir
-
-
-def validate_package(flag: str, value: str) -> str:
-  """Returns value: an existing local path or one pip requirement; ConfigError otherwise.
-
-  Checked here so that a typo fails once, before any worker installs anything.
-  """
-  if os.path.exists(value) and "://" not in value:
-    return value
-  cli.check_one_line(flag, value)
-  example = "e.g. 'bscan @ git+https://github.com/ORG/bscan@COMMIT' or ./dist/bscan-0.1.0.tar.gz"
-  if value.startswith("-"):  # pip would take it as an option (-e, -r, --index-url ...)
-    raise ConfigError(f"--{flag}={value!r}: pip would read it as an option; give one "
-                      f"requirement or a local path, {example}")
-  if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", value):  # a bare URL, which pip accepts
-    return value
-  if value.endswith(_LOCAL_PACKAGE_SUFFIXES) or value.startswith(("/", "./", "../", "~")):
-    raise ConfigError(f"--{flag}={value!r}: no such file or directory here; build it first "
-                      "or fix the path")
-  try:
-    requirements.Requirement(value)
-  except requirements.InvalidRequirement as e:
-    raise ConfigError(f"--{flag}={value!r} is neither a local path nor a pip requirement "
-                      f"({str(e).splitlines()[0]}); {example}") from e
-  return value
-
-
 def default_prefix(sweep_dir: str) -> str:
   """Slice name prefix: 'bscan-<sweep basename>-<hash>', a valid TPU name."""
   base = re.sub(r"[^a-z0-9]+", "-", os.path.basename(sweep_dir.rstrip("/")).lower()).strip("-")
@@ -221,8 +164,8 @@ class TpuLauncher:
   failures: dict[str, str] = dataclasses.field(default_factory=dict)  # slice -> what failed
 
   def __post_init__(self):
-    validate_zone(self.zone)
-    generation = validate_accelerator(self.accelerator_type)
+    tpu_inputs.validate_zone(self.zone)
+    generation = tpu_inputs.validate_accelerator(self.accelerator_type)
     self.runtime_version = self.runtime_version or RUNTIMES[generation]
     if self.points_per_slice < 1:
       raise ConfigError(f"--points_per_slice={self.points_per_slice}: must be >= 1")
@@ -234,17 +177,17 @@ class TpuLauncher:
                         "Storage; use gs://BUCKET/PATH")
     self.name_prefix = self.name_prefix or default_prefix(self.sweep_dir)
     for flag, name in (("name_prefix", self.name_prefix), ("tpu_name", self.tpu_name)):
-      if name and not TPU_NAME_RE.fullmatch(name):
+      if name and not tpu_inputs.TPU_NAME_RE.fullmatch(name):
         raise ConfigError(f"--{flag}={name!r}: use lowercase letters, digits and '-', starting "
                           "with a letter")
     if not self.remote_python and not self.remote_venv:
       raise ConfigError("--remote_venv and --remote_python are both empty; give one")
     for flag in ("remote_python", "remote_venv", "remote_python_version", "trainer"):
       cli.check_one_line(flag, getattr(self, flag))
-    validate_remote_dir(self.remote_dir)
-    validate_package("package", self.package)
+    tpu_inputs.validate_remote_dir(self.remote_dir)
+    tpu_inputs.validate_package("package", self.package)
     for extra in self.pip_extra:
-      validate_package("pip_extra", extra)
+      tpu_inputs.validate_package("pip_extra", extra)
     self.sweep = cli.load_sweep(self.config)
     self.points = sweep_lib.expand(self.sweep, self.sweep_dir)
 

@@ -19,6 +19,7 @@ from bscan.errors import ConfigError
 from launch import locks
 from launch import remote
 from launch import tpu
+from launch import tpu_inputs
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -373,10 +374,10 @@ def test_lock_of_a_reused_pid_is_stale(tmp_path):
 def test_zone_validation(zone: str, ok: bool):
   """Zones look like us-central2-b."""
   if ok:
-    assert tpu.validate_zone(zone) == zone
+    assert tpu_inputs.validate_zone(zone) == zone
   else:
     with pytest.raises(ValueError, match="not a zone"):
-      tpu.validate_zone(zone)
+      tpu_inputs.validate_zone(zone)
 
 
 @pytest.mark.parametrize("accelerator, ok", [
@@ -386,10 +387,10 @@ def test_zone_validation(zone: str, ok: bool):
 def test_accelerator_validation(accelerator: str, ok: bool):
   """Accelerator types are generation-size with a power-of-two size."""
   if ok:
-    tpu.validate_accelerator(accelerator)
+    tpu_inputs.validate_accelerator(accelerator)
   else:
     with pytest.raises(ValueError, match="not a TPU type"):
-      tpu.validate_accelerator(accelerator)
+      tpu_inputs.validate_accelerator(accelerator)
 
 
 def test_bad_inputs_fail_clearly():
@@ -410,10 +411,10 @@ def test_bad_inputs_fail_clearly():
 def test_package_is_checked_before_any_worker_sees_it(package: str, ok: bool):
   """--package is a local path, a bare URL or one PEP 508 requirement; nothing else."""
   if ok:
-    assert tpu.validate_package("package", package) == package
+    assert tpu_inputs.validate_package("package", package) == package
   else:
     with pytest.raises(ConfigError, match="--package="):
-      tpu.validate_package("package", package)
+      tpu_inputs.validate_package("package", package)
 
 
 @pytest.mark.parametrize("remote_dir, ok", [
@@ -423,10 +424,10 @@ def test_package_is_checked_before_any_worker_sees_it(package: str, ok: bool):
 def test_remote_dir_takes_only_plain_path_characters(remote_dir: str, ok: bool):
   """--remote_dir ends up in an scp destination that the worker's shell expands."""
   if ok:
-    assert tpu.validate_remote_dir(remote_dir) == remote_dir
+    assert tpu_inputs.validate_remote_dir(remote_dir) == remote_dir
   else:
     with pytest.raises(ConfigError, match="--remote_dir="):
-      tpu.validate_remote_dir(remote_dir)
+      tpu_inputs.validate_remote_dir(remote_dir)
 
 
 def test_status_reports_damaged_and_preempted_points(monkeypatch, capsys):
@@ -449,8 +450,8 @@ def test_status_reports_damaged_and_preempted_points(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("check, value", [
-    (tpu.validate_zone, "us-central2-b\n"), (tpu.validate_accelerator, "v4-8\n"),
-    (tpu.validate_remote_dir, "bscan_run\n")])
+    (tpu_inputs.validate_zone, "us-central2-b\n"), (tpu_inputs.validate_accelerator, "v4-8\n"),
+    (tpu_inputs.validate_remote_dir, "bscan_run\n")])
 def test_a_trailing_newline_is_not_accepted(check, value: str):
   """Patterns match the whole value ('$' alone would let a final newline through)."""
   with pytest.raises(ConfigError):

@@ -12,7 +12,6 @@ to try the analysis without a sweep.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 
