@@ -1,18 +1,23 @@
-"""Orbax checkpoints of the train state, the data iterator and the loop's own counters."""
+"""Orbax checkpoints of the train state, the data iterator (all processes' state merged into
+one JSON) and the loop's own counters."""
 
 from collections.abc import Callable
+import json
 from typing import Any
 
 from absl import logging
 from etils import epath
-import grain
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
+from bscan import data as data_lib
 from bscan import workdir as workdir_lib
+from bscan.errors import ConfigError
 
 DAMAGED = "damaged"  # damaged checkpoints are moved here (under checkpoints/), never deleted
+PROCESSES_KEY = "processes"  # a data state per process (grain worker processes)
 
 
 class Checkpointer:
@@ -29,9 +34,10 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iter: Any, loop: dict[str, Any],
            force: bool = False) -> None:
+    """Saves on every process (a collective: all call it at the same step)."""
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter),
+        data=ocp.args.JsonSave(gather_data_state(data_iter)),
         loop=ocp.args.JsonSave(loop)), force=force)
 
   def restore(self, abstract_state: Any, data_iter: Any,
@@ -46,9 +52,12 @@ class Checkpointer:
       try:
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
+            data=ocp.args.JsonRestore(),
             loop=ocp.args.JsonRestore()))
+        restore_data_state(data_iter, out.data)
         loop = parse_loop(dict(out.loop))
+      except ConfigError:  # intact, but not for this job (say, another process count)
+        raise
       except Exception as e:  # pylint: disable=broad-exception-caught  (any part may be torn)
         self._set_aside(step, e)
         continue
@@ -79,6 +88,43 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _allgather_json(value: Any) -> list[Any]:
+  """Every process's JSON value, in process order (a collective)."""
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array(len(data)))).reshape(-1)
+  padded = np.zeros([int(lengths.max())], np.uint8)
+  padded[:len(data)] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(gathered[i, :n]).decode()) for i, n in enumerate(lengths)]
+
+
+def gather_data_state(data_iter: Any) -> dict[str, Any]:
+  """The data iterator state of all processes as one JSON value.
+
+  bscan.data's states are keyed by shard: merged, any process count resumes from them.
+  With grain worker processes (data.worker_count > 0) the state is per process instead.
+  """
+  state = data_iter.get_state()
+  states = [state] if jax.process_count() == 1 else _allgather_json(state)
+  if all(data_lib.SHARDS_KEY in s for s in states):
+    return {data_lib.SHARDS_KEY: {k: v for s in states for k, v in s[data_lib.SHARDS_KEY].items()}}
+  return {PROCESSES_KEY: states}
+
+
+def restore_data_state(data_iter: Any, state: dict[str, Any]) -> None:
+  """Sets this process's part of a gather_data_state value on data_iter."""
+  if PROCESSES_KEY not in state:
+    data_iter.set_state(state)
+    return
+  states = state[PROCESSES_KEY]
+  if len(states) != jax.process_count():
+    raise ConfigError(
+        f"the checkpoint's data state is per process (data.worker_count > 0) for "
+        f"{len(states)} process(es), and this run has {jax.process_count()}: resume it on "
+        f"{len(states)} process(es), or with data.worker_count=0 from the start")
+  data_iter.set_state(states[jax.process_index()])
 
 
 def abstract(state: Any) -> Any:

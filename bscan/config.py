@@ -80,10 +80,12 @@ def layout(cfg: ml_collections.ConfigDict, num_devices: int) -> Layout:
   return Layout(num_devices, per_device, per_device // m, m)
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
   """The one check of a config before anything is built: ConfigError naming field and fix."""
   _validate_model_and_layout(cfg, num_devices)
   data_lib.validate_data_config(cfg)
+  if data_lib.num_shards(cfg) % num_processes:
+    raise ConfigError(data_lib.shard_error(cfg, num_processes))
 
 
 def _validate_model_and_layout(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -221,8 +223,8 @@ def peak_learning_rate(cfg: ml_collections.ConfigDict, n_params: int) -> float:
   return lr * ratio**exponent
 
 
-def plan(cfg: ml_collections.ConfigDict, arg: str, vocab_size: int,
-         num_devices: int) -> workdir_lib.RunPlan:
+def plan(cfg: ml_collections.ConfigDict, arg: str, vocab_size: int, num_devices: int,
+         num_processes: int = 1, backend: str = "", device_kind: str = "") -> workdir_lib.RunPlan:
   """Everything derived from a (validated) config, computed once: the run's typed plan."""
   mcfg = model_config(cfg, vocab_size)
   lay = layout(cfg, num_devices)
@@ -239,4 +241,5 @@ def plan(cfg: ml_collections.ConfigDict, arg: str, vocab_size: int,
       max_steps=steps, max_tokens=steps * batch_tokens(cfg),
       target_loss=cfg.budget.target_loss or None, vocab_size=vocab_size,
       dataset=cfg.data.tfds_name or cfg.data.name, tokenizer=cfg.tokenizer.name,
-      corpus_fingerprint=data_lib.corpus_fingerprint(cfg))
+      corpus_fingerprint=data_lib.corpus_fingerprint(cfg), num_processes=num_processes,
+      data_shards=data_lib.num_shards(cfg), backend=backend, device_kind=device_kind)

@@ -1,10 +1,12 @@
 """The input pipeline: corpus -> tokenize -> EOS-separate -> pack -> int32 [B, T+1] batches.
 
-Train: each process takes its own shard of documents, shuffles them by cfg.seed (afresh
-each epoch), tokenizes, packs with grain's concat-then-split, shuffles the packed
-sequences within a window (so a batch mixes many documents), and batches. The iterator
-is a grain DatasetIterator: get_state()/set_state() and orbax's
-grain.checkpoint.CheckpointSave/Restore reproduce the next batch exactly.
+Train: the global batch is read as S = gcd(batch_size, data.shards) virtual shards, each
+every S-th document, shuffled by (cfg.seed, shard) afresh each epoch, tokenized, packed with
+grain's concat-then-split, shuffled within a window (so a batch mixes many documents) and
+batched to B/S rows. A process reads only its own contiguous block of shards, so the global
+batches are the same for any process count that divides S. The iterator is a grain
+DatasetIterator whose get_state()/set_state() are keyed by shard (bscan.checkpoint merges
+the processes' states), reproducing the next batch exactly on any such process count.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 
 from absl import logging
@@ -30,6 +33,7 @@ from bscan.errors import ConfigError
 _EVAL_OVERSAMPLE = 16
 # Fixed seed for orders that must not depend on cfg.seed (eval set, tokenizer sample).
 _FIXED_SEED = 1234
+SHARDS_KEY = "shards"  # the data iterator's state: {SHARDS_KEY: {shard id: its state}}
 
 
 def _data_dir(cfg: ml_collections.ConfigDict) -> epath.Path:
@@ -49,7 +53,7 @@ def get_source(cfg: ml_collections.ConfigDict, split: str) -> Sequence[dict]:
   if name == "text_files":
     return datasets.text_files_source(cfg.data.glob, split)
   if name == "tfds":
-    return datasets.tfds_source(cfg.data.tfds_name, split, _data_dir(cfg))
+    return datasets.tfds_source(cfg.data.tfds_name, split, _data_dir(cfg), cfg.data.download)
   raise ConfigError(f"data.name={name!r} is not one of {datasets.DATASET_NAMES}.")
 
 
@@ -138,25 +142,43 @@ def _restore_tuples(state):
   return state
 
 
-class _JsonSafeIterator(grain.DatasetIterator):
-  """Makes a pipeline's state survive JSON, as orbax's grain handler stores it.
+class _ShardedBatches(grain.IterDataset):
+  """This process's block of the global batch: each of its shards' rows, in shard order."""
 
-  grain 0.2.18's ConcatThenSplit compares its slices with the tuple (-1, -1); after a
-  JSON round trip they are lists, the comparison fails and a restored iterator yields a
-  different batch. Restoring the tuples fixes it.
+  def __init__(self, parents: Sequence[grain.IterDataset], shard_ids: Sequence[int]):
+    super().__init__(parents)
+    self._shard_ids = list(shard_ids)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _ShardedBatchesIterator([iter(p) for p in self._parents], self._shard_ids)
+
+
+class _ShardedBatchesIterator(grain.DatasetIterator):
+  """Concatenates one batch of each shard; its state is keyed by shard, not by process.
+
+  Keyed by shard, the states of all processes merge into one dict that any process count
+  can resume from (bscan.checkpoint gathers them). The state also survives JSON: grain
+  0.2.18's ConcatThenSplit compares its slices with the tuple (-1, -1), which a JSON round
+  trip turns into a list, so set_state restores the tuples.
   """
 
-  def __init__(self, parent: grain.DatasetIterator):
-    super().__init__(parent)
+  def __init__(self, parents: Sequence[grain.DatasetIterator], shard_ids: Sequence[int]):
+    super().__init__(parents)
+    self._shard_ids = list(shard_ids)
 
-  def __next__(self):
-    return next(self._parent)
+  def __next__(self) -> np.ndarray:
+    return np.concatenate([next(p) for p in self._parents])
 
   def get_state(self) -> dict:
-    return self._parent.get_state()
+    return {SHARDS_KEY: {str(i): p.get_state() for i, p in zip(self._shard_ids, self._parents)}}
 
   def set_state(self, state: dict) -> None:
-    self._parent.set_state(_restore_tuples(state))
+    shards = state[SHARDS_KEY]
+    missing = [i for i in self._shard_ids if str(i) not in shards]
+    if missing:
+      raise ValueError(f"the data iterator state has no entry for shard(s) {missing}")
+    for i, parent in zip(self._shard_ids, self._parents):
+      parent.set_state(_restore_tuples(shards[str(i)]))
 
 
 def _packed_tokens(packed: dict) -> np.ndarray:
@@ -169,20 +191,63 @@ def _derived_seed(*entropy: int) -> int:
   return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0] >> 1)
 
 
+def num_shards(cfg: ml_collections.ConfigDict) -> int:
+  """Virtual data shards of the global batch, gcd(batch_size, data.shards): set by the config
+  alone, so any process count that divides it reads the same global batches."""
+  return math.gcd(cfg.batch_size, cfg.data.shards)
+
+
+def process_shards(cfg: ml_collections.ConfigDict, process_index: int,
+                   process_count: int) -> range:
+  """The shards process `process_index` reads: a contiguous block (its rows of the batch)."""
+  shards = num_shards(cfg)
+  if shards % process_count:
+    raise ConfigError(shard_error(cfg, process_count))
+  per_process = shards // process_count
+  return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+def shard_error(cfg: ml_collections.ConfigDict, process_count: int) -> str:
+  return (f"data.shards={cfg.data.shards}: batch_size={cfg.batch_size} is read as "
+          f"gcd(batch_size, data.shards) = {num_shards(cfg)} data shard(s), which "
+          f"{process_count} processes cannot share; use a batch_size and data.shards that are "
+          f"multiples of {process_count}")
+
+
 def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite, checkpointable iterator of this process's int32 [B/process_count, T+1]."""
+  """Infinite, checkpointable iterator of this process's int32 [B/process_count, T+1].
+
+  The global batch is `num_shards` shards' rows, shard after shard. Shard s holds every
+  S-th document from s, shuffled, tokenized, packed and window-shuffled with seeds of
+  (cfg.seed, s) only: the global stream is the same for every process count dividing S,
+  and each process reads only the documents of its own shards.
+  """
   if cfg.batch_size % process_count:
     raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the "
                      f"process count {process_count}.")
+  shard_ids = process_shards(cfg, process_index, process_count)
+  shards = num_shards(cfg)
   tokenizer = get_tokenizer(cfg)
   source = get_source(cfg, cfg.data.train_split)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
-    raise ConfigError(f"data.train_split={cfg.data.train_split!r} has {len(source)} documents, too few "
-                     f"for {process_count} processes.")
+  if len(source) < shards:
+    raise ConfigError(f"data.train_split={cfg.data.train_split!r} has {len(source)} documents, "
+                      f"too few for {shards} data shards; lower data.shards")
+  window = max(1, cfg.data.shuffle_window // shards)  # the same memory for any shard count
+  parents = [_shard_dataset(cfg, tokenizer, source, s, shards, window) for s in shard_ids]
+  it = _ShardedBatches(parents, shard_ids)
+  if cfg.data.worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
+  return iter(it)
+
+
+def _shard_dataset(cfg: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
+                   source: Sequence[dict], shard: int, shards: int,
+                   window: int) -> grain.IterDataset:
+  """Shard `shard` of `shards`: its documents, packed and batched to B/shards rows."""
+  ds = grain.MapDataset.source(source)[shard::shards]
   # shuffle-then-repeat: repeat() reseeds the shuffle, so every epoch has a new order.
-  ds = ds.shuffle(seed=_derived_seed(cfg.seed, 0)).repeat().map(
+  ds = ds.shuffle(seed=_derived_seed(cfg.seed, 0, shard)).repeat().map(
       _Tokenize(tokenizer, _text_key(cfg)))
   # Read in the calling thread: reader threads measured no faster here (the GIL), and
   # slower on short documents. Parallelism comes from worker_count (grain processes).
@@ -191,12 +256,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int = 
       it, length_struct={"tokens": cfg.seq_len + 1})
   it = it.map(_packed_tokens)
   it = grain.experimental.WindowShuffleIterDataset(
-      it, window_size=cfg.data.shuffle_window,
-      seed=_derived_seed(cfg.seed, 1, process_index))
-  it = it.batch(cfg.batch_size // process_count, drop_remainder=True)
-  if cfg.data.worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
-  return _JsonSafeIterator(iter(it))
+      it, window_size=window, seed=_derived_seed(cfg.seed, 1, shard))
+  return it.batch(cfg.batch_size // shards, drop_remainder=True)
 
 
 def _eval_tokens(cfg: ml_collections.ConfigDict, max_tokens: int) -> np.ndarray:
@@ -226,6 +287,16 @@ def make_eval_batches(cfg: ml_collections.ConfigDict) -> np.ndarray:
   sequences = tokens[:available * length].reshape(available, length)
   # Spread over everything read, so the set spans many documents, not the first few.
   return np.ascontiguousarray(sequences[np.linspace(0, available - 1, n).astype(np.int64)])
+
+
+def prepare(cfg: ml_collections.ConfigDict) -> None:
+  """Builds or downloads what the run reads (corpus splits, a SentencePiece model) once.
+
+  Multi-host runs call it on process 0 first, so hosts sharing a data dir never race.
+  """
+  for split in (cfg.data.train_split, cfg.data.eval_split):
+    get_source(cfg, split)
+  get_tokenizer(cfg)
 
 
 def corpus_fingerprint(cfg: ml_collections.ConfigDict) -> dict | None:
@@ -272,6 +343,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   require(d.worker_count >= 0,
           f"data.worker_count={d.worker_count} must be >= 0 (0 = in-process).")
   require(d.shuffle_window >= 1, f"data.shuffle_window={d.shuffle_window} must be >= 1.")
+  require(d.shards >= 1, f"data.shards={d.shards} must be >= 1 (the global batch is read as "
+          "gcd(batch_size, data.shards) shards).")
   for field in ("train_split", "eval_split"):
     require(bool(d[field]), f"data.{field} is empty; e.g. 'train' / 'validation'.")
   if d.name == "pystdlib":
@@ -288,7 +361,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   elif d.name == "tfds":
     require(bool(d.tfds_name), "data.tfds_name is empty; e.g. 'lm1b'.")
     require(bool(d.text_key), "data.text_key is empty; e.g. 'text' ('book_text' for pg19).")
-    datasets.check_tfds(d.tfds_name, _data_dir(cfg))
+    datasets.check_tfds(d.tfds_name, _data_dir(cfg), d.download)
   require(tok.name in tokenizers.TOKENIZER_NAMES, f"tokenizer.name={tok.name!r} is "
           f"unknown; use one of {tokenizers.TOKENIZER_NAMES}.")
   if tok.name == "sentencepiece":

@@ -192,16 +192,16 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """Builds the dataset if needed; tolerates another process finishing it first."""
   if builder.is_prepared():
     return
-  print(f"building {builder.info.full_name} into {builder.data_dir} (once; nothing is "
-        "downloaded)", flush=True)
+  print(f"preparing {builder.info.full_name} in {builder.data_dir} (once)", flush=True)
   tfds.display_progress_bar(False)
   try:
     builder.download_and_prepare(file_format="array_record")
   except Exception:  # pylint: disable=broad-exception-caught
     # Concurrent runs (a local sweep, or every host of a pod) may race on the final
     # rename: someone else's complete copy is as good as ours.
-    builder = type(builder)(config=builder.builder_config, data_dir=os.fspath(
-        builder.data_dir_root), file_format="array_record")
+    builder = type(builder)(config=builder.builder_config, version=builder.version,
+                            data_dir=os.fspath(builder.data_dir_root),
+                            file_format="array_record")
     if not builder.is_prepared():
       raise
 
@@ -284,8 +284,9 @@ def text_files_source(pattern: str, split: str) -> TextFilesSource:
   return TextFilesSource([by_rel[rel] for rel in split_files(list(by_rel))[split]])
 
 
-def check_tfds(name: str, data_dir_: epath.Path) -> None:
-  """data.tfds_name must be a TFDS dataset prepared (as ArrayRecord) under the data dir."""
+def check_tfds(name: str, data_dir_: epath.Path, download: bool = False) -> None:
+  """data.tfds_name must be a TFDS dataset, prepared (as ArrayRecord) under the data dir
+  unless `download` lets the run prepare it."""
   try:
     builder_cls = tfds.builder_cls(name.split(":")[0].split("/")[0])
   except Exception as e:  # pylint: disable=broad-exception-caught  (DatasetNotFoundError)
@@ -301,13 +302,18 @@ def check_tfds(name: str, data_dir_: epath.Path) -> None:
                       f"{str(e).splitlines()[0] if str(e) else ''}") from e
   finally:
     logging.set_verbosity(verbosity)
-  if not prepared:
+  if not prepared and not download:
     raise ConfigError(f"data.tfds_name={name!r} is not prepared in {data_dir_}; set "
-                      "data.data_dir to where its ArrayRecord files live (README, 'Data')")
+                      "data.data_dir to where its ArrayRecord files live (README, 'Data'), "
+                      "or data.download=True to let the run download and prepare it")
 
 
-def tfds_source(name: str, split: str, data_dir_: epath.Path) -> Sequence[dict]:
-  """A prepared ArrayRecord TFDS dataset's split (never downloads: hubs are unreachable)."""
+def tfds_source(name: str, split: str, data_dir_: epath.Path,
+                download: bool = False) -> Sequence[dict]:
+  """A TFDS dataset's split as ArrayRecord; with `download`, downloaded and prepared first
+  (once: an existing copy is used, and a concurrent run finishing first is fine)."""
+  if download:
+    prepare(tfds.builder(name, data_dir=os.fspath(data_dir_), file_format="array_record"))
   try:
     return tfds.data_source(name, split=split, data_dir=os.fspath(data_dir_), download=False)
   except Exception as e:  # pylint: disable=broad-exception-caught

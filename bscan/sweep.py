@@ -141,22 +141,27 @@ def expand(sweep: Sweep, sweep_dir: str) -> list[ExpandedPoint]:
 
 
 def trainer_command(python: str, trainer: str, config: str, point: ExpandedPoint,
-                    multihost: str) -> list[str]:
+                    multihost: str, overrides: Sequence[str] = (),
+                    env: Mapping[str, str] | None = None) -> list[str]:
   """argv of one point's trainer run; every launcher builds it here.
 
   `python` may be several shell words ('conda run -n x python'); `trainer` is a module run
-  with -m, or a .py file. ValueError when `python` does not split into words.
+  with -m, or a .py file. `overrides` ('data.data_dir=gs://b/tfds') become
+  --config.data.data_dir=... after the point's own flags; `env` ({'NAME': 'VALUE'}) is set
+  with `env NAME=VALUE` in front. ValueError when `python` does not split into words.
   """
   words = shlex.split(python)
   if not words:
     raise ValueError(f"python command {python!r} is empty")
   target = [trainer] if trainer.endswith(".py") else ["-m", trainer]
-  return [*words, *target, f"--config={config}:{point.arg}", f"--workdir={point.workdir}",
-          f"--multihost={multihost}"]
+  prefix = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
+  return [*prefix, *words, *target, f"--config={config}:{point.arg}",
+          f"--workdir={point.workdir}", f"--multihost={multihost}",
+          *(f"--config.{o}" for o in overrides)]
 
 
-def load_sweep(config_path: str) -> Sweep:
-  """Imports a config file by path and returns its sweep(); clear errors otherwise."""
+def import_config(config_path: str) -> Any:
+  """Imports a config file by path (its module); clear errors for a missing or broken file."""
   path = epath.Path(config_path.split(":", 1)[0])
   if not path.is_file():
     raise FileNotFoundError(f"config file {config_path!r} not found (cwd-relative path to a .py "
@@ -174,6 +179,12 @@ def load_sweep(config_path: str) -> Sweep:
                      f"{type(e).__name__}: {e}") from e
   finally:
     sys.modules.pop(name, None)
+  return module
+
+
+def load_sweep(config_path: str) -> Sweep:
+  """Imports a config file by path and returns its sweep(); clear errors otherwise."""
+  module = import_config(config_path)
   if not callable(getattr(module, "sweep", None)):
     raise ValueError(f"config file {config_path!r} defines no sweep(): it is not a scan, so "
                      "there is nothing to launch (run it with experiments.train instead)")

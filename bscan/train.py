@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import secrets
 import signal
 import time
 from typing import Any
@@ -62,6 +63,30 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def check_shared_workdir(workdir: epath.Path) -> None:
+  """Every process must see one workdir (orbax saves from all of them into it): process 0
+  writes a token there and the others read it, so a per-host directory fails here, with
+  the processes that miss it named, instead of hanging in orbax's first barrier."""
+  if jax.process_count() == 1:
+    return
+  is_main = jax.process_index() == 0
+  token = secrets.token_hex(16)
+  if is_main:
+    workdir_lib.write_share_token(workdir, token)
+  token = bytes(multihost_utils.broadcast_one_to_all(
+      np.frombuffer(token.encode(), np.uint8))).decode()
+  seen = workdir_lib.read_share_token(workdir) == token
+  everyone = multihost_utils.process_allgather(np.array(seen))
+  if is_main:
+    workdir_lib.remove_share_token(workdir)
+  missing = [i for i, ok in enumerate(np.asarray(everyone).reshape(-1)) if not ok]
+  if missing:
+    raise ConfigError(
+        f"--workdir={workdir} is not one directory for all {jax.process_count()} processes: "
+        f"process(es) {missing} do not see what process 0 wrote there; give every process "
+        "the same shared directory (a shared file system or gs://)")
+
+
 def _saved_status(workdir: epath.Path) -> str | None:
   """The status a previous attempt left; a damaged status.json is reported and rebuilt."""
   try:
@@ -109,8 +134,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
   """
   workdir = epath.Path(workdir)
   num_devices = jax.device_count()
-  config_lib.validate(cfg, num_devices)
+  config_lib.validate(cfg, num_devices, jax.process_count())
   workdir_lib.check_usable(workdir)
+  check_shared_workdir(workdir)
   check_workdir(workdir, cfg, allow_config_change)
   status = _saved_status(workdir)
   finished = status in workdir_lib.FINAL_STATES
@@ -124,9 +150,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
     return status
 
   is_main = jax.process_index() == 0
+  if jax.process_count() > 1:  # hosts may share a data dir: one builds, then all read
+    if is_main:
+      data_lib.prepare(cfg)
+    multihost_utils.sync_global_devices("bscan_data_prepared")
   tokenizer = data_lib.get_tokenizer(cfg)
-  plan = config_lib.plan(cfg, arg, tokenizer.vocab_size, num_devices)
+  device = jax.devices()[0]
+  plan = config_lib.plan(cfg, arg, tokenizer.vocab_size, num_devices, jax.process_count(),
+                         jax.default_backend(), device.device_kind)
   if is_main:
+    print(f"JAX {jax.__version__} on {plan.backend}: {num_devices} × {plan.device_kind} in "
+          f"{plan.num_processes} process(es); batch {plan.batch_sequences} = "
+          f"{plan.data_shards} data shard(s)", flush=True)
     workdir_lib.write_config(workdir, json.loads(cfg.to_json()), arg, plan)
   trainer = None
   try:

@@ -30,6 +30,7 @@ METRICS_CHUNKS = "metrics"  # object stores: numbered chunk objects in this dire
 STATUS = "status.json"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tb"
+SHARE_TOKEN = ".shared-check"  # multi-process runs: process 0 writes it, the others read it
 
 # Statuses. A run that is `running`, `failed` or `preempted` resumes from its checkpoint when
 # its command runs again; `done` and `diverged` are final (a new workdir trains again).
@@ -95,6 +96,10 @@ class RunPlan:
   dataset: str
   tokenizer: str
   corpus_fingerprint: dict[str, Any] | None = None
+  num_processes: int = 1  # JAX processes (hosts) the run was started on
+  data_shards: int = 1  # gcd(batch_size, data.shards): see bscan.data
+  backend: str = ""  # jax.default_backend(): cpu, gpu or tpu ('' before it was recorded)
+  device_kind: str = ""  # e.g. 'TPU v4', 'NVIDIA H100 80GB HBM3', 'cpu'
 
   @classmethod
   def from_dict(cls, derived: Mapping[str, Any]) -> RunPlan:
@@ -221,6 +226,22 @@ def check_usable(workdir: PathLike) -> None:
 
 
 # --- config.json ---
+
+
+def write_share_token(workdir: PathLike, token: str) -> None:
+  """Process 0's token: every process of a run must read it back from its own workdir."""
+  _path(workdir).mkdir(parents=True, exist_ok=True)
+  write_text_atomic(_path(workdir) / SHARE_TOKEN, token)
+
+
+def read_share_token(workdir: PathLike) -> str | None:
+  """The token as this process sees it; None where it is not there (another directory)."""
+  path = _path(workdir) / SHARE_TOKEN
+  return path.read_text() if path.exists() else None
+
+
+def remove_share_token(workdir: PathLike) -> None:
+  (_path(workdir) / SHARE_TOKEN).unlink(missing_ok=True)
 
 
 def write_config(workdir: PathLike, config: Mapping[str, Any], arg: str, plan: RunPlan) -> None:

@@ -1,6 +1,5 @@
 """Trains one run: python -m experiments.train --config=experiments/configs/FILE.py:ARG --workdir=DIR."""
 
-import os
 import re
 import sys
 
@@ -10,27 +9,40 @@ from absl import logging
 from ml_collections import config_flags
 
 from bscan import errors
+from bscan import multihost
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally :ARG.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://).")
-_MULTIHOST = flags.DEFINE_enum("multihost", "auto", ["auto", "on", "off"],
-                               "Whether to call jax.distributed.initialize() first.")
+_MULTIHOST = flags.DEFINE_enum(
+    "multihost", "auto", ["auto", "on", "off"],
+    "Call jax.distributed.initialize() first: on = always; auto = when a coordinator flag is "
+    "given or JAX's cluster detection finds a job (Cloud TPU pod, SLURM, Open MPI, k8s); "
+    "off = a single process.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of the coordinator, which process 0 serves; "
+    "unset: $JAX_COORDINATOR_ADDRESS or JAX's cluster detection.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the job; unset: JAX's cluster detection.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index in [0, num_processes); unset: detected.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to reach the coordinator and every peer at start; "
+    "then one error line (a process that cannot reach the coordinator fails at the deadline).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a peer's heartbeat before JAX aborts the job "
+    "(exit 134: a lost process); rerun to resume from the checkpoint.")
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                   "Continue a workdir that holds a different config.")
+_BACKEND = flags.DEFINE_enum(
+    "backend", "any", ["any", "cpu", "gpu", "tpu"],
+    "Refuse to train unless JAX runs on this backend (launch.slurm sets gpu with "
+    "--gpus_per_node). With 'any', visible GPUs that JAX did not load are refused too.")
+_ALLOW_CPU = flags.DEFINE_bool("allow_cpu", False,
+                               "Train on CPU even though GPUs are visible or were asked for.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the checkpoint is saved; rerun to resume
-
-
-def _is_multihost_job() -> bool:
-  """A multi-process job we can see from the environment (a lone SLURM_* var is not one)."""
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
-    return True
-  return "," in env.get("TPU_WORKER_HOSTNAMES", "")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -71,9 +83,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   # Must precede every other JAX call, or JAX starts single-process.
-  if _MULTIHOST.value == "on" or (_MULTIHOST.value == "auto" and _is_multihost_job()):
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+  multihost.initialize(multihost.Options(
+      mode=_MULTIHOST.value, coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+      initialization_timeout=_INIT_TIMEOUT.value, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value))
+  multihost.check_backend(_BACKEND.value, allow_cpu=_ALLOW_CPU.value)
   from bscan import train  # pylint: disable=g-import-not-at-top
 
   filename = config_flags.get_config_filename(flags.FLAGS["config"])

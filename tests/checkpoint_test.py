@@ -36,7 +36,9 @@ def _truncate_array_files(state: pathlib.Path) -> None:
 DAMAGE = {
     "arrays": lambda c: _truncate_array_files(c / "state"),
     "array metadata": lambda c: (c / "state" / "_METADATA").write_text("{not json"),
-    "iterator state": lambda c: (c / "data" / "process_0-of-1.json").write_text("{"),
+    "iterator state": lambda c: (c / "data" / "metadata").write_text("{"),
+    "iterator state of the wrong shape": lambda c: (c / "data" / "metadata").write_text(
+        json.dumps({"unknown": 1})),
     "loop counters": lambda c: (c / "loop" / "metadata").write_text("[1, 2"),
     "loop counters of the wrong shape": lambda c: (c / "loop" / "metadata").write_text(
         json.dumps({"unknown": 1})),

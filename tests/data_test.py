@@ -8,12 +8,12 @@ import re
 
 from absl import flags
 from conftest import make_data_cfg
-import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
+from bscan import checkpoint
 from bscan import data
 from bscan import datasets
 from bscan import tokenizers
@@ -72,8 +72,57 @@ def test_process_shards_are_disjoint_and_cover_train(tmp_path):
   assert per_process[0] | per_process[1] == train_docs
 
 
+def _global_batches(cfg, process_count: int, n: int) -> np.ndarray:
+  """n global batches as `process_count` processes read them (blocks in process order)."""
+  its = [data.make_train_iterator(cfg, process_index=i, process_count=process_count)
+         for i in range(process_count)]
+  return np.stack([np.concatenate([next(it) for it in its]) for _ in range(n)])
+
+
+def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
+  cfg = _marker_corpus(tmp_path, n_docs=60, batch_size=8, seq_len=16, shards=4)
+  assert data.num_shards(cfg) == 4
+  one = _global_batches(cfg, 1, 30)  # ~2 epochs of every shard
+  for processes in (2, 4):
+    np.testing.assert_array_equal(_global_batches(cfg, processes, 30), one)
+  with pytest.raises(ConfigError, match=r"data.shards=4: .* 4 data shard\(s\), which 8 proc"):
+    data.make_train_iterator(cfg, process_index=0, process_count=8)
+
+
+def test_a_process_reads_only_its_own_shards(tmp_path, monkeypatch):
+  cfg = _marker_corpus(tmp_path, n_docs=40, batch_size=8, seq_len=16, shards=4)
+  source = data.get_source(cfg, "train")
+  read: list[int] = []
+
+  class Recording:
+    def __len__(self):
+      return len(source)
+
+    def __getitem__(self, index):
+      read.append(int(index))
+      return source[index]
+
+  monkeypatch.setattr(data, "get_source", lambda cfg, split: Recording())
+  _take(data.make_train_iterator(cfg, process_index=1, process_count=2), 20)
+  assert read and {i % 4 for i in read} == {2, 3}  # shards 2 and 3: documents 2, 3, 6, 7, …
+
+
+def test_state_of_two_processes_resumes_on_one(tmp_path):
+  cfg = _marker_corpus(tmp_path, n_docs=40, batch_size=8, seq_len=16, shards=4)
+  its = [data.make_train_iterator(cfg, process_index=i, process_count=2) for i in range(2)]
+  for _ in range(7):
+    for it in its:
+      next(it)
+  merged = {data.SHARDS_KEY: {k: v for it in its
+                              for k, v in it.get_state()[data.SHARDS_KEY].items()}}
+  expected = np.concatenate([next(it) for it in its])
+  alone = data.make_train_iterator(cfg)
+  alone.set_state(json.loads(json.dumps(merged)))  # as the checkpoint stores it
+  np.testing.assert_array_equal(next(alone), expected)
+
+
 def test_infinite_and_reshuffled_each_epoch(tmp_path):
-  cfg = _marker_corpus(tmp_path, shuffle_window=1)  # window 1: stream order
+  cfg = _marker_corpus(tmp_path, shuffle_window=1, shards=1)  # one stream, in order
   stream = np.concatenate([b.reshape(-1) for b in _take(data.make_train_iterator(cfg), 60)])
   tok = tokenizers.BytesTokenizer()
   docs = [tok.decode(d)[:6] for d in np.split(stream, np.flatnonzero(stream == tok.eos_id))]
@@ -103,13 +152,14 @@ def test_orbax_checkpoint_manager_restores_next_batch(pystdlib_cfg, tmp_path):
   it = data.make_train_iterator(pystdlib_cfg)
   _take(it, 3)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.save(3, args=ocp.args.Composite(
+        data=ocp.args.JsonSave(checkpoint.gather_data_state(it))))
     mngr.wait_until_finished()
   expected = next(it)
   fresh = data.make_train_iterator(pystdlib_cfg)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    mngr.restore(mngr.latest_step(),
-                 args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    out = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+  checkpoint.restore_data_state(fresh, out.data)
   np.testing.assert_array_equal(next(fresh), expected)
 
 

@@ -23,6 +23,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.name = "pystdlib"  # pystdlib | text_files | tfds
   c.data.tfds_name = ""  # e.g. lm1b, c4, pg19, tiny_shakespeare (data.name=tfds)
   c.data.text_key = "text"  # the text feature (pg19: book_text)
+  c.data.download = False  # tfds: download and prepare data.tfds_name if it is not there yet
   c.data.data_dir = ""  # '' = $BSCAN_DATA_DIR or ~/.cache/bscan/tensorflow_datasets
   c.data.glob = ""  # local text files (data.name=text_files)
   c.data.include_tests = False  # pystdlib: include test packages of the stdlib
@@ -31,7 +32,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = "validation"
   c.data.eval_sequences = 64  # size of the fixed held-out evaluation set
   c.data.worker_count = 0  # grain workers (0 = in-process)
-  c.data.shuffle_window = 16384  # packed sequences shuffled within this window
+  c.data.shuffle_window = 16384  # packed sequences shuffled within this window (all shards)
+  # The global batch is read as gcd(batch_size, shards) shards; any process count dividing
+  # that reads the same batches (so a run can resume on a slice of another size).
+  c.data.shards = 16
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.name = "bytes"  # bytes | sentencepiece | tiktoken
