@@ -11,14 +11,19 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install test scan demo
+.PHONY: install test scan demo demo-multiprocess
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 scan: install
 	$(PY) -m launch.local --config=experiments/configs/scan.py --workdir=$(SWEEP_DIR) --parallel=2
 
 demo: install
 	$(PY) -m experiments.train --config=experiments/configs/demo.py --workdir=runs/demo-run
+
+# The demo run as 2 local JAX processes x 4 CPU devices (a 2-host pod on one machine).
+demo-multiprocess: install
+	$(PY) -m launch.multiprocess --processes=2 --devices_per_process=4 -- \
+	  --config=experiments/configs/demo.py --workdir=runs/demo-2x4

@@ -2,8 +2,10 @@
 
 import setuptools
 
+JAX = "jax{}>=0.10.2,<0.11"  # the base runs on CPU; the extras add an accelerator's plugin
+
 INSTALL_REQUIRES = [
-    "jax[cpu]>=0.10.2,<0.11",
+    JAX.format(""),
     "flax>=0.12,<0.13",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12,<0.13",
@@ -25,6 +27,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
+    # Accelerators, named as JAX names them: pip install 'bscan[cuda12]' (or [cuda13], [tpu]).
+    "cpu": [JAX.format("[cpu]")],
+    "cuda12": [JAX.format("[cuda12]")],
+    "cuda13": [JAX.format("[cuda13]")],
+    "tpu": [JAX.format("[tpu]"), "gcsfs"],
     "test": ["pytest>=8", "pytest-xdist>=3.6", "nbclient>=0.10", "nbformat>=5.10",
              "nbmake>=1.5", "ipykernel>=6.29", "submitit>=1.5", "psutil>=5.9"],
     "tf": ["tensorflow-cpu"],

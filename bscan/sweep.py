@@ -142,13 +142,15 @@ def expand(sweep: Sweep, sweep_dir: str) -> list[ExpandedPoint]:
 
 def trainer_command(python: str, trainer: str, config: str, point: ExpandedPoint,
                     multihost: str, overrides: Sequence[str] = (),
-                    env: Mapping[str, str] | None = None) -> list[str]:
+                    env: Mapping[str, str] | None = None,
+                    flags: Sequence[str] = ()) -> list[str]:
   """argv of one point's trainer run; every launcher builds it here.
 
   `python` may be several shell words ('conda run -n x python'); `trainer` is a module run
   with -m, or a .py file. `overrides` ('data.data_dir=gs://b/tfds') become
   --config.data.data_dir=... after the point's own flags; `env` ({'NAME': 'VALUE'}) is set
-  with `env NAME=VALUE` in front. ValueError when `python` does not split into words.
+  with `env NAME=VALUE` in front; `flags` ('--backend=gpu') follow --multihost. ValueError
+  when `python` does not split into words.
   """
   words = shlex.split(python)
   if not words:
@@ -156,7 +158,7 @@ def trainer_command(python: str, trainer: str, config: str, point: ExpandedPoint
   target = [trainer] if trainer.endswith(".py") else ["-m", trainer]
   prefix = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
   return [*prefix, *words, *target, f"--config={config}:{point.arg}",
-          f"--workdir={point.workdir}", f"--multihost={multihost}",
+          f"--workdir={point.workdir}", f"--multihost={multihost}", *flags,
           *(f"--config.{o}" for o in overrides)]
 
 

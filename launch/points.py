@@ -101,9 +101,9 @@ def check_points(config_path: str, points: Sequence[sweep_lib.ExpandedPoint], *,
   from bscan import config as config_lib  # pylint: disable=g-import-not-at-top  (imports JAX)
   where = target or f"{num_devices} device(s) in {num_processes} process(es)"
   for point in points:
+    cfg = point_config(config_path, point.arg, overrides)
     try:
-      config_lib.validate(point_config(config_path, point.arg, overrides), num_devices,
-                          num_processes)
+      config_lib.validate(cfg, num_devices, num_processes)
     except ConfigError as e:
       raise ConfigError(f"point {point.arg} cannot run on {where}: {e}") from e
 

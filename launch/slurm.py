@@ -8,7 +8,12 @@ Each job runs one process per node (`--ntasks-per-node=1`) driving all of the no
 `python -m experiments.train --config=FILE:ARG --workdir=POINT_DIR --multihost=on` (off on a
 single node). jax.distributed.initialize() finds the job through SLURM's variables; by
 default it would give each process one GPU (its local rank), so the job sets
-JAX_LOCAL_DEVICE_IDS=0,...,G-1. Points already done or diverged are not submitted. On
+JAX_LOCAL_DEVICE_IDS=0,...,G-1, and passes --backend=gpu: a job that asked for GPUs refuses
+to train on a CPU-only JAX. Every point is validated first, as the trainer will on
+nodes × GPUs devices in `--nodes` processes (a batch those cannot split is an error naming
+the point, before anything is submitted). --config_override=FIELD=VALUE (repeatable) sets a
+config field of every point, e.g. data.data_dir=/shared/tensorflow_datasets; --env=NAME=VALUE
+(repeatable) sets a variable in every point's environment. Points already done or diverged are not submitted. On
 timeout or preemption, submitit signals the job, which sends SIGTERM to the trainer (it
 checkpoints) and requeues the point; the rerun resumes. --render_only prints the sbatch
 script and each point's command and submits nothing. Needs the `slurm` extra (submitit).
@@ -33,6 +38,7 @@ from bscan import sweep as sweep_lib
 from bscan import workdir as workdir_lib
 from bscan.errors import ConfigError
 from launch import cli
+from launch import points as points_lib
 
 try:
   import submitit
@@ -41,6 +47,7 @@ except ImportError:  # the `slurm` extra; checked in main() with a clear message
   submitit = None  # type: ignore[assignment]
 
 FLAGS = flags.FLAGS
+EXIT_ABORTED = 134  # JAX aborts every process of a job whose peer is gone (heartbeat timeout)
 
 
 def define_flags() -> None:
@@ -70,6 +77,9 @@ def define_flags() -> None:
                                 "submitit executor; local/debug run here (for tests).")
   flags.DEFINE_boolean("wait", False, "Wait for the jobs and report each point's outcome.")
   flags.DEFINE_boolean("render_only", False, "Print the sbatch script; submit nothing.")
+  flags.DEFINE_multi_string("config_override", [], "FIELD=VALUE set on every point's config "
+                            "(--config.FIELD=VALUE), e.g. data.data_dir=/shared/tfds.")
+  flags.DEFINE_multi_string("env", [], "NAME=VALUE set in every point's environment.")
 
 
 _MEM_RE = re.compile(r"^[0-9]+[KMGT]?B?$")
@@ -108,7 +118,9 @@ class TrainPoint:
     rc = self._proc.wait()
     status = workdir_lib.read_status_or_damaged(self.workdir)
     if rc != 0 or not workdir_lib.is_final(status):  # preempted too: submitit requeues it
-      raise RuntimeError(f"trainer exited with code {rc}; {workdir_lib.describe(status)}")
+      lost = (" (JAX aborted it: a process of the job was lost, or a peer never came; rerun "
+              "resumes)" if rc == EXIT_ABORTED else "")
+      raise RuntimeError(f"trainer exited with code {rc}{lost}; {workdir_lib.describe(status)}")
     return status.describe()
 
   def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -208,14 +220,25 @@ def main(argv: Sequence[str]) -> None:
       mem=FLAGS.mem, account=FLAGS.account, qos=FLAGS.qos, constraint=FLAGS.constraint,
       exclude=FLAGS.exclude, setup=FLAGS.setup, max_parallel=FLAGS.max_parallel)
   points = sweep_lib.expand(sweep, sweep_dir)
+  overrides = points_lib.parse_overrides(FLAGS.config_override)
+  env = points_lib.parse_env(FLAGS.env)
+  # One process per node, each driving all of its GPUs (or one CPU device).
+  devices = FLAGS.nodes * max(FLAGS.gpus_per_node, 1)
+  points_lib.check_points(
+      config, points, num_devices=devices, num_processes=FLAGS.nodes, overrides=overrides,
+      trainer=FLAGS.trainer, target=f"{FLAGS.nodes} node(s) × "
+      f"{FLAGS.gpus_per_node or 'no'} GPU(s) ({devices} device(s))")
   if not FLAGS.render_only:
     workdir_lib.check_usable(sweep_dir)
     sweep_lib.write_sweep_json(config, sweep, sweep_dir)
     points = [p for p in points
               if not workdir_lib.is_final(workdir_lib.read_status_or_damaged(p.workdir))]
   multihost = "on" if FLAGS.nodes > 1 else "off"
-  commands = [sweep_lib.trainer_command(python, FLAGS.trainer, config, p, multihost)
-              for p in points]
+  # A job that asked for GPUs must not train on CPU unnoticed (a CPU-only jax install).
+  ours = FLAGS.trainer == points_lib.DEFAULT_TRAINER
+  backend = ["--backend=gpu"] if FLAGS.gpus_per_node and ours else []
+  commands = [sweep_lib.trainer_command(python, FLAGS.trainer, config, p, multihost, overrides,
+                                        env, backend) for p in points]
   if FLAGS.render_only:
     for p, cmd in zip(points, commands):
       print(f"# point {p.arg}\n#   {shlex.join(cmd)}")

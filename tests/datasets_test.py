@@ -164,3 +164,33 @@ def test_a_data_dir_built_from_another_stdlib_is_refused(pystdlib_cfg, monkeypat
   monkeypatch.setattr(datasets, "local_fingerprint", lambda *_: other)
   with pytest.raises(ValueError, match="built from a different standard library"):
     datasets.pystdlib_source(False, cfg.data.max_files, root, "train")
+
+
+class SelfPreparingText(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset that prepares itself (as `data.download=True` lets lm1b or c4 do)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(6), "validation": self._generate_examples(2)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {"text": f"document {i} " * 20}
+
+
+def test_download_prepares_a_tfds_dataset_that_is_not_there(tmp_path):
+  name = "self_preparing_text"
+  with pytest.raises(ConfigError, match="is not prepared in .*or data.download=True"):
+    datasets.check_tfds(name, epath.Path(tmp_path))
+  datasets.check_tfds(name, epath.Path(tmp_path), download=True)  # nothing built yet
+  assert not list(tmp_path.iterdir())
+  source = datasets.tfds_source(name, "train", epath.Path(tmp_path), download=True)
+  assert len(source) == 6 and source[0]["text"].startswith(b"document ")
+  assert list(tmp_path.glob(f"{name}/1.0.0/*.array_record*"))
+  datasets.check_tfds(name, epath.Path(tmp_path))  # prepared now: no download needed

@@ -15,28 +15,41 @@ from launch import slurm
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 FIXTURE = os.path.join(TESTS, "sweep_fixture_config.py")
+TINY_SCAN = os.path.join(TESTS, "tiny_scan_config.py")  # a real scan config: points validated
 PARAMS = dict(job_name="bscan", partition="gpu", time=60, nodes=1, gpus_per_node=8,
               cpus_per_task=8, mem="64G", account="acc", qos="high", constraint="a100",
               exclude="", setup=["module load cuda"], max_parallel=4)
 
 
-def _cli(*args: str, steps: int = 3) -> subprocess.CompletedProcess:
+def _cli(*args: str, steps: int = 3, config: str = FIXTURE) -> subprocess.CompletedProcess:
   env = {**os.environ, "FAKE_TRAINER_STEPS": str(steps), "FAKE_TRAINER_STEP_S": "0.01"}
-  return subprocess.run([sys.executable, "-m", "launch.slurm", f"--config={FIXTURE}", *args],
+  return subprocess.run([sys.executable, "-m", "launch.slurm", f"--config={config}", *args],
                         cwd=REPO, env=env, text=True, capture_output=True, timeout=60,
                         stdin=subprocess.DEVNULL, check=False)  # debug executor: pdb reads EOF
 
 
 def test_render_only_matches_golden(tmp_path):
-  """--render_only prints each point's command and the array sbatch script, submits nothing."""
+  """--render_only prints each point's command and the array sbatch script, submits nothing;
+  config overrides and environment reach every point, and GPU jobs require the GPU backend."""
   result = _cli(f"--workdir={tmp_path}/sweep", "--partition=gpu", "--time=600", "--nodes=2",
-                "--gpus_per_node=8", "--cpus_per_task=32", "--mem=400G", "--account=acc",
+                "--gpus_per_node=1", "--cpus_per_task=32", "--mem=400G", "--account=acc",
                 "--qos=high", "--setup=source ~/venv/bin/activate", "--python=python3",
-                "--render_only")
+                "--config_override=data.data_dir=/shared/tfds", "--env=TFDS_DATA_DIR=/shared",
+                "--render_only", config=TINY_SCAN)
   assert result.returncode == 0, result.stderr
   assert not (tmp_path / "sweep").exists()
   text = result.stdout.replace(str(tmp_path), "<TMP>").replace(REPO, "<REPO>")
   goldens.check_golden("slurm_render.txt", text, "tests/launch_slurm_test.py")
+
+
+def test_points_the_nodes_cannot_split_fail_before_submitting(tmp_path):
+  """Batch 2 on 2 nodes × 8 GPUs: one error line naming the point and the device count."""
+  result = _cli(f"--workdir={tmp_path}/sweep", "--nodes=2", "--gpus_per_node=8",
+                "--executor=debug", config=TINY_SCAN)
+  assert result.returncode == 2 and not (tmp_path / "sweep").exists()
+  assert result.stderr.strip() == (
+      "error: point size=tiny,batch=2 cannot run on 2 node(s) × 8 GPU(s) (16 device(s)): "
+      "batch_size=2 is not divisible by the 16 devices; use a multiple of 16")
 
 
 def test_debug_executor_runs_points_and_resubmits_only_unfinished(tmp_path):
