@@ -78,3 +78,16 @@ def test_starter_refuses_flags_it_sets_and_words_exits():
   assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=4"
   assert multiprocess.process_command("experiments.train", ["--config=c.py"], "h:1", 2, 1)[-4:] \
       == ["--multihost=on", "--coordinator_address=h:1", "--num_processes=2", "--process_id=1"]
+
+
+def test_auto_leaves_cluster_detection_to_jax(monkeypatch):
+  """A GCE TPU VM sets none of the variables a hand-written guess would look for (no
+  TPU_WORKER_HOSTNAMES): auto must ask JAX, whose detection queries the TPU metadata."""
+  import jax  # pylint: disable=g-import-not-at-top
+  calls = []
+  for name in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  assert multihost.initialize(multihost.Options(mode="auto", heartbeat_timeout=7))
+  assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None,
+                        initialization_timeout=300, heartbeat_timeout_seconds=7)]

@@ -55,6 +55,19 @@ CASES = [
     ([DEMO, "--workdir=OTHER"], "holds a run with a different config"),
     ([DEMO, "--multihost=maybe"], "flag --multihost=maybe: value should be one of"),
     ([DEMO, "batch=16"], "unexpected arguments ['batch=16']"),
+    ([DEMO, "--config.data.shards=0"], "data.shards=0 must be >= 1"),
+    ([DEMO, "--multihost=on"], "--multihost=on: coordinator_address should be defined. JAX "
+                               "found no cluster to join; pass --coordinator_address"),
+    ([DEMO, "--multihost=on", "--coordinator_address=10.0.0.2"],
+     "--coordinator_address='10.0.0.2': give HOST:PORT"),
+    ([DEMO, "--multihost=on", "--num_processes=2", "--process_id=2"],
+     "--process_id=2: must be in [0, --num_processes=2)"),
+    ([DEMO, "--process_id=1"], "--multihost=off with --coordinator_address/--num_processes/"
+                               "--process_id: drop those flags, or use --multihost=on"),
+    ([DEMO, "--multihost=on", "--coordinator_address=127.0.0.1:1", "--num_processes=2",
+      "--process_id=1", "--initialization_timeout=1"],
+     "process 1 cannot reach the coordinator at 127.0.0.1:1 within 1 s"),
+    ([DEMO, "--backend=gpu"], "--backend=gpu: JAX runs on cpu (cpu); install JAX for them"),
 ]
 
 
