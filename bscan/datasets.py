@@ -286,17 +286,19 @@ def text_files_source(pattern: str, split: str) -> TextFilesSource:
 
 def check_tfds(name: str, data_dir_: epath.Path, download: bool = False) -> None:
   """data.tfds_name must be a TFDS dataset, prepared (as ArrayRecord) under the data dir
-  unless `download` lets the run prepare it."""
-  try:
-    builder_cls = tfds.builder_cls(name.split(":")[0].split("/")[0])
-  except Exception as e:  # pylint: disable=broad-exception-caught  (DatasetNotFoundError)
-    raise ConfigError(f"data.tfds_name={name!r} is not a TFDS dataset; check the spelling "
-                      "(e.g. 'lm1b', 'c4/en', 'pg19')") from e
-  del builder_cls
+  unless `download` lets the run prepare it.
+
+  A prepared copy is read from its files: its builder class need not import here (c4's
+  needs TensorFlow, which TPU workers with only jax[tpu] lack).
+  """
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)  # TFDS warns about every missing version folder
   try:
     prepared = tfds.builder(name, data_dir=os.fspath(data_dir_)).is_prepared()
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ConfigError(f"data.tfds_name={name!r} is not a TFDS dataset this installation knows, "
+                      f"nor one prepared in {data_dir_}; check the spelling (e.g. 'lm1b', "
+                      "'c4/en', 'pg19') and data.data_dir") from e
   except Exception as e:  # pylint: disable=broad-exception-caught  (an unknown config or version)
     raise ConfigError(f"data.tfds_name={name!r}: {type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}") from e

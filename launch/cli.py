@@ -1,4 +1,5 @@
-"""What the launchers' command lines share: flag and input errors as one `error: …` line.
+"""What the launchers' command lines share: flag and input errors as one `error: …` line,
+and options declared once, as dataclass fields that are also flags.
 
 Every user error (a bad flag value, a missing config file, a bad sweep(), an unusable
 workdir) reaches the user as `error: …` on stderr with exit status 2 and no traceback.
@@ -6,6 +7,7 @@ workdir) reaches the user as `error: …` on stderr with exit status 2 and no tr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -19,6 +21,51 @@ from absl import flags
 from bscan import errors
 from bscan import sweep as sweep_lib
 from bscan.errors import ConfigError
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "",  # pylint: disable=redefined-builtin
+           *, flag: str = "", choices: Sequence[str] = (), multi: bool = False) -> Any:
+  """A dataclass field that is also a flag (named `flag`, else the field; no default: required).
+
+  Its type picks the flag kind: str, int, float, bool, Sequence[str] (a comma list, or a
+  repeatable flag with multi=True); choices make an enum.
+  """
+  return dataclasses.field(default=tuple(default) if isinstance(default, list) else default,
+                           metadata=dict(help=help, flag=flag, choices=tuple(choices), multi=multi))
+
+
+def option_fields(cls: type) -> list[dataclasses.Field]:
+  """The fields of dataclass cls that are flags (made with `option`)."""
+  return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _flag_name(field: dataclasses.Field) -> str:
+  return field.metadata["flag"] or field.name
+
+
+def define_option_flags(cls: type, flag_values: flags.FlagValues) -> None:
+  """Defines one flag per `option` field of cls, with its default and help."""
+  define = {"str": flags.DEFINE_string, "int": flags.DEFINE_integer,
+            "float": flags.DEFINE_float, "bool": flags.DEFINE_boolean,
+            "Sequence[str]": flags.DEFINE_list}
+  for field in option_fields(cls):
+    meta, name = field.metadata, _flag_name(field)
+    required = field.default is dataclasses.MISSING
+    default = None if required else field.default
+    default = list(default) if isinstance(default, tuple) else default
+    if meta["choices"]:
+      flags.DEFINE_enum(name, default, list(meta["choices"]), meta["help"],
+                        flag_values=flag_values)
+    elif meta["multi"]:
+      flags.DEFINE_multi_string(name, default, meta["help"], flag_values=flag_values)
+    else:
+      define[str(field.type)](name, default, meta["help"], required=required,
+                              flag_values=flag_values)
+
+
+def option_values(cls: type, flag_values: flags.FlagValues) -> dict[str, Any]:
+  """{field: its flag's value} for every `option` field of cls: the kwargs that build it."""
+  return {f.name: flag_values[_flag_name(f)].value for f in option_fields(cls)}
 
 
 _MISSING = re.compile(r"Flag --(\w+) must have a value other than None")

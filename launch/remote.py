@@ -9,6 +9,8 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
+from launch import worker_logs
+
 MIN_PYTHON = (3, 11)  # what bscan's jax/flax pins need on the workers
 
 
@@ -41,15 +43,42 @@ def install_command(python: str, requirements: Sequence[str]) -> str:
           f"{sh_join([*py, '-m', 'pip', 'install', '-q', *requirements])}")
 
 
+def points_script(commands: Sequence[Sequence[str]], labels: Sequence[str] = (),
+                  python: str = "python3", log: str = "", log_dest: str = "",
+                  copy_every_s: float = 60.0, tee: bool = False, header: str = "") -> str:
+  """The shell script that runs a slice's points in order (';': a failed point never stops
+  the rest), each followed by `bscan: exit status RC of point LABEL` when labels are given;
+  `header` is printed first, followed by the worker's hostname.
+
+  With log_dest (a path prefix, e.g. 'gs://b/s/logs/SLICE/STAMP-'), the output goes through
+  launch.worker_logs, which appends it to `log` and copies it to LOG_DEST$(hostname).log; if
+  that tool cannot run, `cat` still appends the output to `log`.
+  """
+  steps = [f'echo {shlex.quote(header)} "$(hostname)"'] if header else []
+  for i, command in enumerate(commands):
+    steps.append(sh_join(command))
+    if labels:
+      steps.append(f'echo "{worker_logs.EXIT_PREFIX}$? of point" {shlex.quote(labels[i])}')
+  script = " ; ".join(steps)
+  if not log_dest:
+    return script
+  copy = sh_join([*shlex.split(python), "-m", "launch.worker_logs", f"--log={log}",
+                  f"--every_s={copy_every_s:g}", *(["--tee"] if tee else [])])
+  dest = sh_quote(f"--dest={log_dest}") + '"$(hostname)".log'
+  return (f"export PYTHONUNBUFFERED=1 ; {{ {script} ; }} 2>&1 | "
+          f"{{ {copy} {dest} || cat >> {shlex.quote(log)} ; }}")
+
+
 def remote_start_command(commands: Sequence[Sequence[str]], remote_dir: str, name: str,
-                         detach: bool = True) -> str:
+                         detach: bool = True, script: str = "") -> str:
   """The remote shell line that runs a slice's points in order, once, each arg quoted.
 
-  The shell takes the slice's flock on fd 9 and the (background) run inherits it, so the
-  lock is held until the points finish. It prints 'started NAME, log in ...' or, when the
-  lock is held, 'already-running NAME'. Words starting with '~/' are in the worker's home.
+  `script` (from points_script) replaces the plain run of `commands`. The shell takes the
+  slice's flock on fd 9 and the (background) run inherits it, so the lock is held until the
+  points finish. It prints 'started NAME, log in ...' or, when the lock is held,
+  'already-running NAME'. Words starting with '~/' are in the worker's home.
   """
-  script = " ; ".join(sh_join(c) for c in commands)  # ';': a failed point never stops the rest
+  script = script or points_script(commands)
   run = f"bash -c {shlex.quote(script)}"
   if detach:
     run = (f"nohup {run} >> {shlex.quote(name + '.log')} 2>&1 < /dev/null & "

@@ -4,6 +4,8 @@ import dataclasses
 import os
 import pathlib
 import pickle
+import subprocess
+import sys
 
 from conftest import PYSTDLIB_TEST_FILES
 from etils import epath
@@ -194,3 +196,17 @@ def test_download_prepares_a_tfds_dataset_that_is_not_there(tmp_path):
   assert len(source) == 6 and source[0]["text"].startswith(b"document ")
   assert list(tmp_path.glob(f"{name}/1.0.0/*.array_record*"))
   datasets.check_tfds(name, epath.Path(tmp_path))  # prepared now: no download needed
+
+
+def test_a_prepared_dataset_needs_no_builder_class(tmp_path):
+  """c4's builder imports TensorFlow; a copy prepared elsewhere is read from its files."""
+  datasets.tfds_source("self_preparing_text", "train", epath.Path(tmp_path), download=True)
+  code = ("import sys; from bscan import datasets; from etils import epath; "
+          "d = epath.Path(sys.argv[1]); datasets.check_tfds('self_preparing_text', d); "
+          "print(len(datasets.tfds_source('self_preparing_text', 'validation', d)))")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                       text=True, timeout=120, check=False)  # a process without the class
+  assert out.returncode == 0 and out.stdout.split()[-1] == "2", out.stderr[-2000:]
+  with pytest.raises(ConfigError, match="'c4/en' is not a TFDS dataset this installation "
+                     "knows, nor one prepared in"):
+    datasets.check_tfds("c4/en", epath.Path(tmp_path / "empty"))

@@ -1,11 +1,15 @@
-"""Tests for launch.tpu (dry-run goldens, a fake gcloud runner, quoting, input checks) and
-launch.locks' pid-reuse check."""
+"""Tests for launch.tpu (dry-run goldens, a fake gcloud runner, quoting, input checks, point
+validation, delete, flags from fields) and launch.locks' pid-reuse check."""
 
+import dataclasses
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -27,7 +31,11 @@ FIXTURE = "tests/sweep_fixture_config.py"  # relative to REPO, as users pass it
 P = tpu.default_prefix("gs://b/s")  # slice name prefix of _launcher's sweep
 FLAGS = [f"--config={FIXTURE}", "--workdir=gs://my-bucket/sweeps/fixture", "--zone=us-central2-b",
          "--accelerator_type=v4-8", "--project=my-proj", "--spot", "--points_per_slice=2",
-         "--package=bscan @ git+https://github.com/example/bscan@main"]
+         "--package=bscan @ git+https://github.com/example/bscan@main",
+         "--trainer=tests/fake_trainer.py",  # FIXTURE's points are the fake trainer's
+         "--config_override=data.data_dir=gs://my-bucket/tensorflow_datasets",
+         "--env=TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets"]
+STAMP_RE = re.compile(r"\b\d{8}T\d{6}\.\d{3}Z\b")  # a start's time (in its log names)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -36,8 +44,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _check_golden(name: str, text: str) -> None:
-  """Compares text with tests/golden/NAME; UPDATE_GOLDENS=1 rewrites it."""
-  goldens.check_golden(name, text, "tests/launch_tpu_test.py")
+  """Compares text (start times as STAMP) with tests/golden/NAME; UPDATE_GOLDENS=1 rewrites it."""
+  goldens.check_golden(name, STAMP_RE.sub("STAMP", text), "tests/launch_tpu_test.py")
 
 
 @pytest.mark.parametrize("action", ["up", "delete", "status"])
@@ -89,6 +97,10 @@ class _FakeGcloud:
         raise tpu.CommandError(f"NOT_FOUND: Resource '{name}' was not found")
       self.seen[name] = self.seen.get(name, 0) + 1
       return "WAITING_FOR_RESOURCES\n" if self.seen[name] <= self.waits else self.state + "\n"
+    if verb == "queued-resources delete":
+      if name not in self.existing:
+        raise tpu.CommandError(f"NOT_FOUND: Resource '{name}' was not found")
+      self.existing.discard(name)
     if verb == "queued-resources create":
       if name in self.existing:
         raise tpu.CommandError(f"ALREADY_EXISTS: Resource '{name}' already exists")
@@ -119,6 +131,8 @@ def _launcher(runner: _FakeGcloud, monkeypatch, **kwargs) -> tpu.TpuLauncher:
   monkeypatch.setattr(tpu.workdir_lib, "check_usable", lambda d: None)
   monkeypatch.setattr(tpu.sweep_lib, "write_sweep_json", lambda *a: "")
   monkeypatch.setattr(tpu.workdir_lib, "read_status", lambda w: None)
+  monkeypatch.setattr(tpu.points_lib, "check_points", lambda *a, **k: None)  # FIXTURE: fake's
+  monkeypatch.setattr(tpu.worker_logs, "latest_logs", lambda *a: {})
   options = dict(config=os.path.join(REPO, FIXTURE), sweep_dir="gs://b/s", zone="us-central2-b",
                  accelerator_type="v5litepod-16", provisioning="best_effort",
                  points_per_slice=3, package="git+https://x/y", gcloud=sys.executable,
@@ -258,6 +272,7 @@ def test_cli_exits_nonzero_after_reporting_all_failures(monkeypatch, capsys):
   monkeypatch.setattr(tpu.workdir_lib, "read_status", lambda w: None)
   monkeypatch.setattr(tpu.sweep_lib, "write_sweep_json", lambda *a: "")
   monkeypatch.setattr(tpu.shutil, "which", lambda g: g)
+  monkeypatch.setattr(tpu.points_lib, "check_points", lambda *a, **k: None)
   flag_values = flags.FlagValues()  # not absl's global FLAGS, which other tests' binaries use
   tpu.define_flags(flag_values)
   flag_values(["tpu", *[f.replace(FIXTURE, os.path.join(REPO, FIXTURE)) for f in FLAGS]])
@@ -395,8 +410,8 @@ def test_accelerator_validation(accelerator: str, ok: bool):
 
 def test_bad_inputs_fail_clearly():
   """Local workdirs, missing gcloud and missing actions are clear errors."""
-  result = _cli("up", *FLAGS[:1], "--workdir=/tmp/x", "--zone=us-central2-b")
-  assert result.returncode == 2 and "use gs://BUCKET/PATH" in result.stderr
+  result = _cli("up", *FLAGS[:1], "--workdir=runs/x", "--zone=us-central2-b")
+  assert result.returncode == 2 and "use gs://BUCKET/PATH, or an absolute path" in result.stderr
   result = _cli("create", *FLAGS, "--gcloud=no-such-gcloud")
   assert result.returncode == 2 and "'no-such-gcloud' not found" in result.stderr
   result = _cli(*FLAGS)
@@ -456,3 +471,157 @@ def test_a_trailing_newline_is_not_accepted(check, value: str):
   """Patterns match the whole value ('$' alone would let a final newline through)."""
   with pytest.raises(ConfigError):
     check(value)
+
+
+@pytest.mark.parametrize("accelerator, devices, hosts", [
+    ("v2-8", 8, 1), ("v3-32", 32, 4), ("v4-8", 4, 1), ("v4-16", 8, 2), ("v4-32", 16, 4),
+    ("v5p-128", 64, 16), ("v5litepod-1", 1, 1), ("v5litepod-8", 8, 1), ("v5litepod-16", 16, 4),
+    ("v6e-256", 256, 64)])
+def test_topology_is_jax_devices_and_hosts(accelerator: str, devices: int, hosts: int):
+  """v4/v5p count cores (2 per JAX device), v2/v3 cores, v5litepod/v6e chips."""
+  assert tpu_inputs.topology(accelerator) == (devices, hosts)
+
+
+def _real_launcher(config: str, runner: _FakeGcloud, **kwargs) -> tpu.TpuLauncher:
+  """A launcher whose points are checked by the real trainer's validation."""
+  options = dict(config=os.path.join(REPO, config), sweep_dir="gs://b/k", zone="us-central2-b",
+                 package="git+https://x/y", gcloud=sys.executable, runner=runner,
+                 sleep=lambda s: None)
+  return tpu.TpuLauncher(**{**options, **kwargs})
+
+
+def test_every_point_is_checked_on_the_slice_before_any_gcloud_call():
+  """kaplan.py's batch 8 cannot split over a v4-32's 16 devices: one error, nothing created."""
+  fake = _FakeGcloud()
+  launcher = _real_launcher("experiments/configs/kaplan.py", fake, accelerator_type="v4-32")
+  for action in (launcher.create, launcher.run):
+    with pytest.raises(ConfigError) as e:
+      action()
+    assert str(e.value).startswith("point size=3m,batch=8,seed=0 cannot run on v4-32 (16 "
+                                   "devices, 4 hosts): batch_size=8 is not divisible by the 16 "
+                                   "devices"), e.value
+  assert fake.calls == []
+  result = _cli("up", "--config=experiments/configs/kaplan.py", "--workdir=gs://b/k",
+                "--zone=us-central2-b", "--accelerator_type=v4-32", "--dry_run")
+  assert result.returncode == 2 and result.stdout == "", result.stdout  # no gcloud line printed
+  assert result.stderr.startswith("error: point size=3m,batch=8,seed=0 cannot run on v4-32")
+  # the pod config fits a v4-16; --config_override values are checked as the trainer reads them
+  _real_launcher("tests/pod_scan_config.py", fake, accelerator_type="v4-16").validate_points()
+  with pytest.raises(ConfigError, match="the config has no field data.dat_dir"):
+    _real_launcher("tests/pod_scan_config.py", fake, accelerator_type="v4-16",
+                   config_override=["data.dat_dir=gs://b/tfds"]).validate_points()
+  with pytest.raises(ConfigError, match="cannot run on v4-16 .* batch_size=12 is not divisible"):
+    _real_launcher("tests/pod_scan_config.py", fake, accelerator_type="v4-16",
+                   config_override=["batch_size=12"]).validate_points()
+
+
+def test_overrides_and_env_reach_every_points_command(monkeypatch):
+  """--config_override and --env land in each point's trainer command, after its own flags."""
+  fake = _FakeGcloud(waits=0)
+  launcher = _launcher(fake, monkeypatch, config_override=[
+      "data.data_dir=gs://b/tensorflow_datasets", "data.tfds_name=lm1b"],
+      env=["TFDS_DATA_DIR=gs://b/tfds", "XLA_FLAGS=--xla_dump_to=/tmp/x y"])
+  assert launcher.create() == 0 and launcher.run() == 0
+  starts = [a for c in fake.calls for a in c if "nohup" in a]
+  assert len(starts) == 2
+  script = shlex.split(starts[1].split("nohup bash -c ", 1)[1])[0]
+  point = shlex.split(script.split(" ; ")[2].lstrip("{ "))  # after export and header lines
+  assert point[:3] == ["env", "TFDS_DATA_DIR=gs://b/tfds", "XLA_FLAGS=--xla_dump_to=/tmp/x y"]
+  assert point[-2:] == ["--config.data.data_dir=gs://b/tensorflow_datasets",
+                        "--config.data.tfds_name=lm1b"]
+  for bad, flag in (("data_dir", "config_override"), ("1X=2", "env")):
+    with pytest.raises(ConfigError, match=f"--{flag}="):
+      _launcher(fake, monkeypatch, **{flag: [bad]})
+
+
+def test_delete_tries_every_slice_and_reports_each(monkeypatch, capsys):
+  """A queued resource already gone is reported, not fatal; a real failure is exit 1."""
+  fake = _FakeGcloud(existing=[f"{P}-0"])  # P-1 is gone already
+  launcher = _launcher(fake, monkeypatch)
+  launcher.delete()
+  assert launcher.report() == 0
+  assert fake.verbs().count("queued-resources delete") == 2
+  assert capsys.readouterr().out.splitlines() == [
+      f"{P}-0: deleted", f"{P}-1: already gone", "delete: 1 deleted, 1 already gone, 0 failed"]
+  fake = _FakeGcloud(existing=[f"{P}-0", f"{P}-1"],
+                     fail={("queued-resources delete", f"{P}-0"): "PERMISSION_DENIED"})
+  launcher = _launcher(fake, monkeypatch)
+  launcher.delete()
+  assert launcher.report() == 1 and fake.existing == {f"{P}-0"}  # P-1 deleted all the same
+  out = capsys.readouterr().out
+  assert f"{P}-0: delete failed: command failed: PERMISSION_DENIED" in out
+  assert f"{P}-1: deleted" in out and "delete: 1 deleted, 0 already gone, 1 failed" in out
+
+
+def test_a_local_package_dir_is_packed_to_a_file_of_its_sweep(monkeypatch, tmp_path):
+  """Two sweeps packing the same source dir never write the same archive."""
+  package = tmp_path / "src"
+  (package / ".git").mkdir(parents=True)
+  (package / "setup.py").write_text("# setup\n")
+  archives = []
+  for sweep in ("gs://b/one", "gs://b/two"):
+    launcher = _launcher(_FakeGcloud(), monkeypatch, sweep_dir=sweep, package=str(package))
+    files, requirement = launcher._package_files()
+    assert files == [os.path.join(tempfile.gettempdir(), f"{launcher.name_prefix}-src.tar.gz")]
+    assert requirement == f"bscan_run/{launcher.name_prefix}-src.tar.gz"
+    with tarfile.open(files[0]) as tar:
+      assert tar.getnames() == ["bscan-src", "bscan-src/setup.py"]  # .git left out
+    archives.append(files[0])
+    os.remove(files[0])
+  assert archives[0] != archives[1]
+
+
+def test_every_option_is_one_field_and_one_flag(monkeypatch):
+  """The flags are made from TpuLauncher's fields, and main passes each flag to its field."""
+  flag_values = flags.FlagValues()
+  tpu.define_flags(flag_values)
+  fields = tpu.option_fields()
+  names = {f.metadata["flag"] or f.name: f for f in fields}
+  assert set(flag_values) == set(names) | {"spot", "reserved", "best_effort"}
+  for name, field in names.items():
+    default = field.default if field.default is not dataclasses.MISSING else None
+    assert flag_values[name].default == (list(default) if isinstance(default, tuple)
+                                         else default), name
+    assert field.metadata["help"] in flag_values[name].help  # absl adds to enum, multi helps
+  argv = ["tpu", f"--config={FIXTURE}", "--workdir=gs://b/s", "--zone=europe-west4-a",
+          "--accelerator_type=v5p-16", "--runtime_version=img", "--project=p", "--reserved",
+          "--points_per_slice=3", "--name_prefix=pre", "--tpu_name=vm", "--package=pkg",
+          "--pip_extra=a,b", "--config_override=x.y=1", "--config_override=z=2", "--env=A=1",
+          "--remote_python=/py", "--remote_venv=v", "--remote_python_version=3.12",
+          "--remote_dir=d", "--trainer=t", "--nodetach", "--nowatch", "--max_recreations=7",
+          "--log_copy_s=5", "--wait_timeout_s=9", "--poll_s=2", "--gcloud=g", "--dry_run"]
+  flag_values(argv)
+  monkeypatch.setattr(tpu, "FLAGS", flag_values)
+  seen = {}
+
+  def capture(launcher):
+    seen.update({f.name: getattr(launcher, f.name) for f in fields})
+    raise ConfigError("captured")
+
+  monkeypatch.setattr(tpu.TpuLauncher, "__post_init__", capture)
+  with pytest.raises(ConfigError, match="captured"):
+    tpu.main(["tpu", "status"])
+  assert seen["sweep_dir"] == "gs://b/s" and seen["provisioning"] == "reserved"
+  assert seen["config_override"] == ["x.y=1", "z=2"] and seen["pip_extra"] == ["a", "b"]
+  assert (seen["detach"], seen["max_recreations"], seen["log_copy_s"]) == (False, 7, 5.0)
+
+
+@pytest.mark.parametrize("sweep_dir, ok", [
+    ("gs://bucket/scan", True), ("/mnt/filestore/scan", True), ("/gcs/bucket/scan", True),
+    ("runs/scan", False), ("~/scan", False), ("gs://", False), ("s3://bucket/scan", False),
+    ("/mnt/x\n", False)])
+def test_sweep_dir_is_a_bucket_or_an_absolute_shared_path(sweep_dir: str, ok: bool):
+  """Workers and the launcher must both see the sweep dir: gs:// or an absolute mount."""
+  if ok:
+    assert tpu_inputs.validate_sweep_dir(sweep_dir) == sweep_dir
+  else:
+    with pytest.raises(ConfigError, match="--workdir="):
+      tpu_inputs.validate_sweep_dir(sweep_dir)
+
+
+def test_watch_goes_with_up_and_not_with_an_existing_vm():
+  """--watch recreates slices: only `up` does that, and never an existing --tpu_name VM."""
+  result = _cli("run", *FLAGS, "--watch", "--dry_run")
+  assert result.returncode == 2 and "--watch goes with `up`" in result.stderr
+  result = _cli("up", *FLAGS, "--watch", "--tpu_name=my-vm", "--dry_run")
+  assert result.returncode == 2 and "--watch recreates slices" in result.stderr

@@ -1,7 +1,10 @@
 """bscan.multihost: flag checks, the coordinator pre-check, the backend refusal; the starter's
 arguments and exit words (the processes themselves run in tests/multiprocess_test.py)."""
 
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -44,8 +47,14 @@ def test_coordinator_check_fails_at_its_deadline_and_passes_once_listening():
 
 
 def test_off_and_undetected_auto_stay_single_process():
-  assert not multihost.initialize(multihost.Options(mode="off"))
-  assert not multihost.initialize(multihost.Options(mode="auto"))  # nothing to detect here
+  """In a fresh process (JAX's runtime starts once, before any computation)."""
+  code = ("from bscan import multihost; import jax; "
+          "print(multihost.initialize(multihost.Options(mode='off')), "
+          "multihost.initialize(multihost.Options(mode='auto')), jax.process_count())")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_"))}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120, check=False)
+  assert out.stdout.split() == ["False", "False", "1"], out.stderr[-2000:]
 
 
 def test_cpu_is_refused_where_gpus_are_visible_or_asked_for(tmp_path, monkeypatch):

@@ -38,7 +38,8 @@ CASES = [
     (["--config=experiments/configs/nothere.py"], "--config=experiments/configs/nothere.py: the "
                                                   "config file cannot be loaded"),
     ([DEMO, "--config.data.name=tfds", "--config.data.tfds_name=lm1bx"],
-     "data.tfds_name='lm1bx' is not a TFDS dataset; check the spelling"),
+     "data.tfds_name='lm1bx' is not a TFDS dataset this installation knows, nor one "
+     "prepared in"),
     ([DEMO, "--config.data.name=tfds", "--config.data.tfds_name=lm1b",
       "--config.data.data_dir=EMPTY"], "data.tfds_name='lm1b' is not prepared in"),
     ([DEMO, "--config.data.name=text_files", "--config.data.glob=/nonexistent/*.txt"],
