@@ -14,9 +14,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bscan import workdir as workdir_lib
 from fake_gcloud import fakepod
 from launch import tpu
+
+# One worker for every multi-process test: JAX's CPU collectives give a job's processes 30 s
+# to meet at their first collective, which two such tests at once on 2 cores can exceed.
+pytestmark = pytest.mark.xdist_group("multiprocess")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "tests/pod_scan_config.py"

@@ -22,7 +22,9 @@ from bscan.workdir import Col
 from launch import multiprocess
 import tiny_run
 
-pytestmark = pytest.mark.xdist_group("multiprocess")  # one worker: the runs share a fixture
+# One worker: the runs share a fixture, and no two multi-process tests run at once (see
+# tests/launch_tpu_pod_test.py).
+pytestmark = pytest.mark.xdist_group("multiprocess")
 
 CONFIG = "tests/multiprocess_config.py"
 RUN_TIMEOUT_S = 300
