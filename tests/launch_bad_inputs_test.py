@@ -15,6 +15,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = "--config=tests/sweep_fixture_config.py"  # relative to REPO, as users type it
 LOCAL = ["launch.local", FIXTURE, "--workdir=SWEEP"]
 SLURM = ["launch.slurm", FIXTURE, "--workdir=SWEEP", "--render_only"]
+# A real scan config: its points are validated as the trainer will, on the job's devices.
+SCAN_SLURM = ["launch.slurm", "--config=experiments/configs/scan.py", "--workdir=SWEEP",
+              "--render_only"]
 TPU = ["launch.tpu", "up", FIXTURE, "--workdir=gs://bucket/scan", "--zone=us-central2-b",
        "--dry_run"]
 PKG = "bscan @ git+https://github.com/ORG/bscan@abc123"
@@ -50,6 +53,10 @@ ROWS = [
     ([*SLURM, "--setup=module load cuda\nsource env.sh"], "newlines and control characters"),
     ([*SLURM[:2], "--workdir=/shared/my runs", "--render_only"], "pass --slurm_dir=PATH"),
     ([*SLURM[:2], "--workdir=gs://bucket/scan", "--render_only"], "needs --slurm_dir"),
+    ([*SCAN_SLURM, "--nodes=2", "--gpus_per_node=8"], "point size=25k,batch=2 cannot run on 2 "
+     "node(s) × 8 GPU(s) (16 device(s)): batch_size=2 is not divisible by the 16 devices"),
+    ([*SCAN_SLURM, "--config_override=data.nope=1"], "the config has no field data.nope"),
+    ([*SCAN_SLURM, "--config_override=optim.lr=fast"], "optim.lr=fast: optim.lr is a float"),
     # launch.tpu --dry_run
     ([*TPU, "--package=bscan @@ git+https://github.com/ORG/bscan"],
      "is neither a local path nor a pip requirement"),
