@@ -48,18 +48,34 @@ def _trainer_args(pystdlib_cfg, workdir) -> list[str]:
           f"--config.data.data_dir={pystdlib_cfg.data.data_dir}"]
 
 
-def _start(procs, argv, env=None, **kwargs) -> subprocess.Popen:
+def _cached(env: dict[str, str] | None, cache) -> dict[str, str]:
+  """env (or ours) with a JAX compilation cache the runs share: a rerun skips compiling."""
+  return {**(env or os.environ), "JAX_COMPILATION_CACHE_DIR": str(cache),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.fixture(scope="module", name="cache")
+def _cache(pytestconfig, tmp_path_factory):
+  """Compiled executables kept across sessions (pytest's cache dir), as chaos_test does."""
+  provider = getattr(pytestconfig, "cache", None)
+  return provider.mkdir("multiprocess_jax_cache") if provider else tmp_path_factory.mktemp("c")
+
+
+def _start(procs, argv, env=None, cache=None, **kwargs) -> subprocess.Popen:
+  if cache is not None:
+    env = _cached(env, cache)
   p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        text=True, start_new_session=True, **kwargs)
   procs.append(p)
   return p
 
 
-def _job(procs, pystdlib_cfg, workdir, grace_s: float = 2.0) -> subprocess.Popen:
+def _job(procs, pystdlib_cfg, workdir, cache, grace_s: float = 2.0) -> subprocess.Popen:
   """2 processes × 4 CPU devices through launch.multiprocess."""
   return _start(procs, [sys.executable, "-m", "launch.multiprocess", "--processes=2",
                         "--devices_per_process=4", f"--grace_s={grace_s}", "--",
-                        *_trainer_args(pystdlib_cfg, workdir)])
+                        *_trainer_args(pystdlib_cfg, workdir)], cache=cache)
 
 
 def _finish(p: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> tuple[int, str]:
@@ -84,12 +100,12 @@ def _wait_for_checkpoint(p: subprocess.Popen, workdir, after: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def two_by_four(pystdlib_cfg, tmp_path_factory):
+def two_by_four(pystdlib_cfg, tmp_path_factory, cache):
   """An uninterrupted 2 × 4 run: its workdir and rows."""
   workdir = tmp_path_factory.mktemp("two_by_four")
   started: list[subprocess.Popen] = []
   try:
-    rc, out = _finish(_job(started, pystdlib_cfg, workdir))
+    rc, out = _finish(_job(started, pystdlib_cfg, workdir, cache))
   finally:
     for p in started:
       if p.poll() is None:
@@ -99,11 +115,11 @@ def two_by_four(pystdlib_cfg, tmp_path_factory):
 
 
 def test_two_processes_train_what_one_process_with_all_devices_trains(
-    two_by_four, pystdlib_cfg, tmp_path, procs):
+    two_by_four, pystdlib_cfg, tmp_path, procs, cache):
   workdir, rows = two_by_four
   env = multiprocess.process_env(8)
   one = _start(procs, [sys.executable, "-m", "experiments.train", "--multihost=off",
-                       *_trainer_args(pystdlib_cfg, tmp_path)], env=env)
+                       *_trainer_args(pystdlib_cfg, tmp_path)], env=env, cache=cache)
   rc, out = _finish(one)
   assert rc == 0, out[-3000:]
   reference = tiny_run.rows(tmp_path)
@@ -123,10 +139,10 @@ def test_two_processes_train_what_one_process_with_all_devices_trains(
 
 
 def test_preempted_and_killed_jobs_resume_to_the_uninterrupted_rows(
-    two_by_four, pystdlib_cfg, tmp_path, procs):
+    two_by_four, pystdlib_cfg, tmp_path, procs, cache):
   _, expected = two_by_four
   # SIGTERM to both processes (the starter forwards it): they agree on a step and save.
-  job = _job(procs, pystdlib_cfg, tmp_path)
+  job = _job(procs, pystdlib_cfg, tmp_path, cache)
   _wait_for_checkpoint(job, tmp_path, after=0)
   job.send_signal(signal.SIGTERM)
   rc, out = _finish(job)
@@ -134,7 +150,7 @@ def test_preempted_and_killed_jobs_resume_to_the_uninterrupted_rows(
   status = workdir_lib.read_status(tmp_path)
   assert status.status == workdir_lib.PREEMPTED and status.step < 40
   # SIGKILL one process mid-run: the starter stops the other and names the lost one.
-  job = _job(procs, pystdlib_cfg, tmp_path)
+  job = _job(procs, pystdlib_cfg, tmp_path, cache)
   resumed = _wait_for_checkpoint(job, tmp_path, after=status.step)
   victim = next(c for c in psutil.Process(job.pid).children()
                 if "--process_id=1" in c.cmdline())
@@ -144,7 +160,7 @@ def test_preempted_and_killed_jobs_resume_to_the_uninterrupted_rows(
   assert f"resumed from the checkpoint at step {status.step}" in out
   assert max(_checkpoints(tmp_path)) >= resumed
   # The rerun finishes: each step exactly once, the rows of the uninterrupted job.
-  rc, out = _finish(_job(procs, pystdlib_cfg, tmp_path))
+  rc, out = _finish(_job(procs, pystdlib_cfg, tmp_path, cache))
   assert rc == 0, out[-3000:]
   assert tiny_run.rows(tmp_path) == expected
 
