@@ -54,8 +54,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
@@ -66,6 +64,7 @@ from bscan import sweep as sweep_lib
 from bscan import workdir as workdir_lib
 from bscan.errors import ConfigError
 from launch import cli
+from launch import package as package_lib
 from launch import points as points_lib
 from launch import remote
 from launch import tpu_inputs
@@ -79,7 +78,6 @@ PROVISIONING = {"on_demand": [], "spot": ["--spot"], "reserved": ["--reserved"],
                 "best_effort": ["--best-effort"]}
 ALPHA_PROVISIONING = {"best_effort"}  # flags only `gcloud alpha ... queued-resources create` has
 BAD_STATES = ("FAILED", "SUSPENDED", "SUSPENDING", "DELETING", "PREEMPTED")
-_TAR_EXCLUDE = {".git", ".venv", "runs", "__pycache__", "build", ".pytest_cache", "data"}
 
 FLAGS = flags.FLAGS
 
@@ -307,24 +305,10 @@ class TpuLauncher:
                                    "--format=value(state.state)"), capture=True).strip()
     return "ACTIVE" if self.dry_run else state
 
-  def _package_files(self) -> tuple[list[str], str]:
-    """Local files to copy to workers and the pip requirement that installs the package."""
-    local = os.path.exists(self.package) and "://" not in self.package
-    if not local:
-      return [], self.package
-    path = self.package
-    if os.path.isdir(path):  # one file per sweep: concurrent sweeps never share one
-      path = os.path.join(tempfile.gettempdir(), f"{self.name_prefix}-src.tar.gz")
-      if not self.dry_run:
-        with tarfile.open(path, "w:gz") as tar:
-          tar.add(self.package, arcname="bscan-src", filter=lambda t: None if any(
-              part in _TAR_EXCLUDE or part.endswith(".egg-info")
-              for part in t.name.split("/")) else t)
-    return [path], f"{self.remote_dir}/{os.path.basename(path)}"
-
   def setup(self, node: str) -> None:
     """Copies the config (and a local package) to every worker; makes the venv; pip installs."""
-    files, requirement = self._package_files()
+    files, requirement = package_lib.package_files(self.package, self.name_prefix, self.remote_dir,
+                                                     self.dry_run)
     self._run(self._ssh(node, f"mkdir -p {remote.sh_quote(self.remote_dir + '/configs')}"))
     self._run(self._gcloud("tpu-vm", "scp", self.config, f"{node}:{self.remote_dir}/configs/",
                            "--worker=all", "--quiet"))
