@@ -11,6 +11,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
@@ -125,6 +126,37 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One run to train: its config, its workdir and the config-file arg it came from."""
+
+  cfg: ml_collections.ConfigDict
+  workdir: epath.Path
+  arg: str = ""
+
+
+# Fields that may differ between runs packed into one step: the rest fixes the step's shapes
+# and math (model, batch, layout, data, schedule shape).
+PACKABLE_FIELDS = ("seed", "optim.lr")
+PACKABLE_PREFIXES = ("budget.", "checkpoint.")
+
+
+def check_packable(specs: list[RunSpec]) -> None:
+  """Runs packed into one step must share all but their seed, learning rate and budget."""
+  if len({str(s.workdir) for s in specs}) < len(specs):
+    raise ConfigError(f"packed runs need one workdir each; got {[str(s.workdir) for s in specs]}")
+  first = _flatten(json.loads(specs[0].cfg.to_json()))
+  for spec in specs[1:]:
+    other = _flatten(json.loads(spec.cfg.to_json()))
+    diffs = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k)
+                   and k not in PACKABLE_FIELDS and not k.startswith(PACKABLE_PREFIXES))
+    if diffs:
+      raise ConfigError(
+          f"runs {specs[0].arg!r} and {spec.arg!r} cannot train packed: they differ in "
+          f"{diffs[:6]}; only {', '.join(PACKABLE_FIELDS)} and budget.* may differ (run them "
+          "in separate packs)")
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
         allow_config_change: bool = False) -> str:
   """Trains (or resumes) one run; returns its final status (done / diverged / preempted).
@@ -132,86 +164,93 @@ def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
   Every input is checked before anything is built (config, data, tokenizer settings, the
   workdir and the config it holds): a ConfigError names the field or file and the fix.
   """
-  workdir = epath.Path(workdir)
+  return run_packed([RunSpec(cfg, epath.Path(workdir), arg)], allow_config_change)[0]
+
+
+def run_packed(specs: list[RunSpec], allow_config_change: bool = False) -> list[str]:
+  """Trains runs of one shape together, one vmapped step for all; their statuses in order.
+
+  Each run keeps its own workdir, data order, checkpoints, rows and stop step, equal to its
+  solo run's; a run that stops leaves the pack and the others train on.
+  """
   num_devices = jax.device_count()
-  config_lib.validate(cfg, num_devices, jax.process_count())
-  workdir_lib.check_usable(workdir)
-  check_shared_workdir(workdir)
-  check_workdir(workdir, cfg, allow_config_change)
+  for spec in specs:
+    config_lib.validate(spec.cfg, num_devices, jax.process_count())
+    workdir_lib.check_usable(spec.workdir)
+    check_shared_workdir(spec.workdir)
+    check_workdir(spec.workdir, spec.cfg, allow_config_change)
+  check_packable(specs)
+  statuses = [_previous_final_status(s.workdir) for s in specs]
+  todo = [s for s, status in zip(specs, statuses) if status is None]
+  if not todo:
+    return statuses
+
+  is_main = jax.process_index() == 0
+  if jax.process_count() > 1:  # hosts may share a data dir: one builds, then all read
+    if is_main:
+      data_lib.prepare(todo[0].cfg)
+    multihost_utils.sync_global_devices("bscan_data_prepared")
+  tokenizer = data_lib.get_tokenizer(todo[0].cfg)
+  device = jax.devices()[0]
+  plans = [config_lib.plan(s.cfg, s.arg, tokenizer.vocab_size, num_devices, jax.process_count(),
+                           jax.default_backend(), device.device_kind) for s in todo]
+  if is_main:
+    p = plans[0]
+    print(f"JAX {jax.__version__} on {p.backend}: {num_devices} × {p.device_kind} in "
+          f"{p.num_processes} process(es); batch {p.batch_sequences} = "
+          f"{p.data_shards} data shard(s)" + (f"; {len(todo)} runs packed" if len(todo) > 1
+                                                else ""), flush=True)
+    for spec, plan in zip(todo, plans):
+      workdir_lib.write_config(spec.workdir, json.loads(spec.cfg.to_json()), spec.arg, plan)
+  runs: list[Run] = []
+  try:
+    runs = [Run(s.cfg, s.workdir, plan) for s, plan in zip(todo, plans)]
+    trainer = Trainer(runs)
+    ended = iter(trainer.train())
+  except Exception as e:  # Recorded for the launcher and the analysis, then re-raised.
+    for r in runs:
+      if not r.ended:
+        r.write_status(workdir_lib.FAILED, f"{type(e).__name__}: {e}", r.step)
+    if not runs and is_main:
+      for spec in todo:
+        workdir_lib.write_status(spec.workdir, workdir_lib.FAILED, f"{type(e).__name__}: {e}", 0, 0)
+    raise
+  finally:
+    for r in runs:
+      r.close()
+  return [status or next(ended) for status in statuses]
+
+
+def _previous_final_status(workdir: epath.Path) -> str | None:
+  """'done' or 'diverged' when the workdir holds a finished run (said once), else None."""
   status = _saved_status(workdir)
   finished = status in workdir_lib.FINAL_STATES
   if jax.process_count() > 1:  # process 0 wrote it; workers may not see the same disk
     finished = bool(multihost_utils.broadcast_one_to_all(np.array(finished)))
     status = status if finished else None
-  if finished:
-    if jax.process_index() == 0:
-      print(f"{workdir}: already {status}; nothing to do (use a new --workdir to train again)",
-            flush=True)
-    return status
-
-  is_main = jax.process_index() == 0
-  if jax.process_count() > 1:  # hosts may share a data dir: one builds, then all read
-    if is_main:
-      data_lib.prepare(cfg)
-    multihost_utils.sync_global_devices("bscan_data_prepared")
-  tokenizer = data_lib.get_tokenizer(cfg)
-  device = jax.devices()[0]
-  plan = config_lib.plan(cfg, arg, tokenizer.vocab_size, num_devices, jax.process_count(),
-                         jax.default_backend(), device.device_kind)
-  if is_main:
-    print(f"JAX {jax.__version__} on {plan.backend}: {num_devices} × {plan.device_kind} in "
-          f"{plan.num_processes} process(es); batch {plan.batch_sequences} = "
-          f"{plan.data_shards} data shard(s)", flush=True)
-    workdir_lib.write_config(workdir, json.loads(cfg.to_json()), arg, plan)
-  trainer = None
-  try:
-    trainer = Trainer(cfg, workdir, plan)
-    return trainer.train()
-  except Exception as e:  # Recorded for the launcher and the analysis, then re-raised.
-    if is_main:
-      step = trainer.step if trainer else 0
-      workdir_lib.write_status(workdir, workdir_lib.FAILED, f"{type(e).__name__}: {e}", step,
-                               step * plan.batch_tokens)
-    raise
-  finally:
-    if trainer:
-      trainer.close()
+  if not finished:
+    return None
+  if jax.process_index() == 0:
+    print(f"{workdir}: already {status}; nothing to do (use a new --workdir to train again)",
+          flush=True)
+  return status
 
 
-class Trainer:
-  """Builds mesh, model, step, data and checkpoints for one run, then loops."""
+def _optimizer_at(cfg: ml_collections.ConfigDict, peak) -> tuple[Any, Any]:
+  """The run's optimizer and schedule at peak learning rate `peak` (a float or traced)."""
+  lr = optim.schedule(cfg, peak)
+  return optim.optimizer(cfg, lr), lr
+
+
+class Run:
+  """One run's files and loop state: data order, metric rows, checkpoints, stop rules."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: epath.Path,
                plan: workdir_lib.RunPlan):
     self.cfg, self.workdir, self.plan = cfg, workdir, plan
     self.is_main = jax.process_index() == 0
-    self.mesh = step_lib.make_mesh()
-    self.sc = step_lib.StepConfig(
-        num_microbatches=plan.num_microbatches, microbatch=plan.microbatch_sequences,
-        seq_len=plan.seq_len, num_devices=plan.num_devices, noise=cfg.noise.enabled,
-        ema_decay=cfg.noise.ema_decay)
-    model = model_lib.Transformer(config_lib.model_config(cfg, plan.vocab_size))
-    self.loss_fn = lambda params, batch: model_lib.loss_fn(model, params, batch)
-    self.lr = optim.schedule(cfg, plan.learning_rate)
-    tx = optim.optimizer(cfg, self.lr)
-    self.train_step = step_lib.make_train_step(self.loss_fn, tx, self.lr, self.sc, self.mesh)
-    self.hessian_fn = None
-    if cfg.noise.hessian_every:
-      curvature = "hessian" if cfg.noise.curvature == "hessian" else noise_scale.GaussNewton(
-          lambda p, b: model_lib.logits_fn(model, p, b), model_lib.cross_entropy)
-      self.hessian_fn = step_lib.make_hessian_fn(self.loss_fn, self.sc, self.mesh, curvature)
-    dummy = np.zeros((1, cfg.seq_len), np.int32)
-    init_params = lambda rng: model.init(rng, dummy)["params"]
-    groups = noise_scale.param_groups(jax.eval_shape(init_params, jax.random.key(0)))
-    self.state = step_lib.init_state(init_params, tx, jax.random.key(cfg.seed), self.mesh, groups)
     self.data_iter = data_lib.make_train_iterator(
         cfg, process_index=jax.process_index(), process_count=jax.process_count())
-    self.batch_sharding = NamedSharding(self.mesh, P("data"))
-    eval_tokens = data_lib.make_eval_batches(cfg)  # the same on every process
-    self.eval_tokens = jax.make_array_from_callback(
-        eval_tokens.shape, self.batch_sharding, lambda index: eval_tokens[index])
-    chunk = math.gcd(len(eval_tokens) // plan.num_devices, plan.microbatch_sequences)
-    self.eval_fn = step_lib.make_eval_fn(self.loss_fn, self.mesh, chunk)
     self.writer = workdir_lib.MetricsWriter(workdir, enabled=self.is_main)
     self.ckpt = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
     b = cfg.budget
@@ -221,92 +260,77 @@ class Trainer:
     self.loop = stopping.LoopState()
     self.step = 0  # last dispatched step
     self._last_fetch = None
-    self._diverged = ""  # the reason, once diverged
+    self.diverged = ""  # the reason, once diverged
     self.step_diverged = 0
+    self.ended = ""  # the final status, once written
+    self.label = ""  # prefix of its progress lines: its arg when packed with others
 
   def close(self) -> None:
     self.writer.close()
     self.ckpt.close()
 
-  def _restore(self) -> int:
-    """Restores the newest intact checkpoint (or none) and cuts the rows back to its step."""
+  def restore(self, abstract_state: Any) -> Any:
+    """The newest intact checkpoint's state (None: start over); rows cut back to its step."""
     restored = None
     if self.ckpt.latest_step() is not None:
-      restored = self.ckpt.restore(checkpoint_lib.abstract(self.state), self.data_iter,
+      restored = self.ckpt.restore(abstract_state, self.data_iter,
                                    lambda loop: stopping.LoopState(**loop))
     if restored is None:
       self.writer.resume(0, None)  # rows of an attempt that ended before any checkpoint
-      return 0
-    step, self.state, self.loop = restored
+      return None
+    self.step, state, self.loop = restored
     # Checkpoints written before rows were counted hold rows=0: nothing to check against.
-    self.writer.resume(step, self.loop.rows or None)
+    self.writer.resume(self.step, self.loop.rows or None)
     if self.is_main:
-      print(f"resumed from the checkpoint at step {step}", flush=True)
-    return step
+      print(f"{self.label}resumed from the checkpoint at step {self.step}", flush=True)
+    return state
 
-  def _status(self, status: str, reason: str, step: int) -> None:
+  def wants_step(self) -> bool:
+    """Whether the next step runs (decided on the rows fetched so far, one step behind)."""
+    return not self.diverged and self.step < self.stop_rule.stop_step(self.loop)
+
+  def last_step(self) -> bool:
+    """Whether the step just dispatched is the run's last (its row gets an eval loss)."""
+    return self.step == self.stop_rule.stop_step(self.loop)
+
+  def next_batch(self) -> np.ndarray:
+    return next(self.data_iter)
+
+  def write_status(self, status: str, reason: str, step: int) -> None:
     if self.is_main:
       workdir_lib.write_status(self.workdir, status, reason, step, step * self.plan.batch_tokens)
+    if status in workdir_lib.FINAL_STATES + (workdir_lib.PREEMPTED,):
+      self.ended = status
 
-  def _save(self, step: int, force: bool = False) -> None:
+  def save(self, state: Any, force: bool = False) -> None:
     self.writer.flush()
-    self.ckpt.save(step, self.state, self.data_iter, dataclasses.asdict(self.loop), force=force)
+    self.ckpt.save(self.step, state, self.data_iter, dataclasses.asdict(self.loop), force=force)
 
-  def train(self) -> str:
-    """The loop: dispatch step n, then fetch step n−1's metrics (never block needlessly)."""
-    step = self.step = self._restore()
-    self._status(workdir_lib.RUNNING, "", step)
-    if self.sc.noise and self.sc.b_small == self.sc.b_big:
-      logging.warning("Noise scale undefined: one device and one microbatch (B_small = B_big); "
-                      "set microbatch_size below batch_size to measure it. Training on.")
-    preemption = _Preemption()
-    pending = None
-    try:
-      while not self._diverged and step < self.stop_rule.stop_step(self.loop):
-        local = next(self.data_iter)
-        batch = jax.make_array_from_process_local_data(self.batch_sharding, local)
-        if self.hessian_fn and (step + 1) % self.cfg.noise.hessian_every == 0:
-          hessian = self.hessian_fn(self.state.params, batch)  # on the params this step uses
-        else:
-          hessian = {}
-        self.state, train_metrics = self.train_step(self.state, batch)
-        train_metrics = {**train_metrics, **hessian}
-        step = self.step = step + 1
-        last = step == self.stop_rule.stop_step(self.loop)  # the final row gets an eval loss
-        eval_loss = (self.eval_fn(self.state.params, self.eval_tokens)
-                     if eval_due(step, self.cfg) or last else None)
-        if pending:
-          self._finish(*pending)
-        pending = (step, train_metrics, eval_loss)
-        preempted = preemption.agreed(step)
-        if step % self.cfg.checkpoint.every_steps == 0 or preempted:
-          self._finish(*pending)
-          pending = None
-          if not self._diverged:
-            self._save(step)
-          if preempted and not self._diverged:
-            self.ckpt.wait()
-            self._status(workdir_lib.PREEMPTED,
-                         f"SIGTERM at step {step}; rerun the same command to resume", step)
-            return workdir_lib.PREEMPTED
-      if pending:
-        self._finish(*pending)
-    finally:
-      preemption.restore()
-    if self._diverged:
-      self._status(workdir_lib.DIVERGED, self._diverged, self.step_diverged)
+  def end(self, state: Any) -> str:
+    """Writes the final status (and checkpoint) of a run that stopped training."""
+    if self.diverged:
+      self.write_status(workdir_lib.DIVERGED, self.diverged, self.step_diverged)
       return workdir_lib.DIVERGED
-    if self.ckpt.latest_step() != step:
-      self._save(step, force=True)
+    if self.ckpt.latest_step() != self.step:
+      self.save(state, force=True)
     reason = self.stop_rule.reason(self.loop)
-    self._status(workdir_lib.DONE, reason, step)
+    self.write_status(workdir_lib.DONE, reason, self.step)
     if self.is_main:
-      print(f"done: {reason} → {self.workdir}", flush=True)
+      print(f"{self.label}done: {reason} → {self.workdir}", flush=True)
     return workdir_lib.DONE
 
-  def _finish(self, step: int, train_metrics: dict[str, Any], eval_loss) -> None:
-    """Fetches one step's metrics, writes its row, and applies the stop and divergence rules."""
-    m = jax.device_get(train_metrics)
+  def preempt(self, state: Any) -> str:
+    """Saves and marks the run preempted (a diverged run ends as diverged instead)."""
+    if self.diverged:
+      return self.end(state)
+    self.save(state)
+    self.ckpt.wait()
+    self.write_status(workdir_lib.PREEMPTED,
+                      f"SIGTERM at step {self.step}; rerun the same command to resume", self.step)
+    return workdir_lib.PREEMPTED
+
+  def finish(self, step: int, m: dict[str, Any], eval_loss) -> None:
+    """Writes one step's row (fetched metrics) and applies the stop and divergence rules."""
     now = time.perf_counter()
     dt = now - self._last_fetch if self._last_fetch is not None else float("nan")
     self._last_fetch = now
@@ -329,16 +353,16 @@ class Trainer:
     if eval_loss is not None and self.is_main:
       speed = row[Col.TOKENS_PER_S]  # none yet on the first step after a start
       speed = f"{speed:>8.0f} tokens/s" if math.isfinite(speed) else "       – tokens/s"
-      print(f"step {step:>6}  tokens {row[Col.TOKENS]:>11,}  train {loss:.4f}  eval "
+      print(f"{self.label}step {step:>6}  tokens {row[Col.TOKENS]:>11,}  train {loss:.4f}  eval "
             f"{row[Col.EVAL_LOSS]:.4f}  B_simple "
             f"{row.get(Col.B_SIMPLE_TOKENS, float('nan')):>9.0f} tokens  {speed}", flush=True)
-    if reason and not self._diverged:
-      self._diverged, self.step_diverged = f"{reason} at step {step}", step
+    if reason and not self.diverged:
+      self.diverged, self.step_diverged = f"{reason} at step {step}", step
       return
     self.loop = self.stop_rule.update(self.loop, step, loss)
 
   def _noise_columns(self, step: int, m: dict[str, Any]) -> dict[str, float]:
-    if not self.sc.noise:
+    if "b_simple" not in m:
       return {}
     seq = self.cfg.seq_len
     cols = {k: float(m[k]) for k in (Col.G_SMALL_SQ, Col.G_BIG_SQ, Col.GSQ, Col.TRACE)}
@@ -355,3 +379,168 @@ class Trainer:
       cols[Col.B_NOISE_TOKENS] = float(m["b_noise"])
       cols[Col.B_NOISE_SEQS] = float(m["b_noise"]) / seq
     return cols
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A dispatched step whose metrics are not fetched yet: which runs, and their outputs."""
+
+  live: list[int]  # run indices, in stack order
+  steps: list[int]
+  metrics: dict[str, Any]
+  hessian: dict[str, Any]
+  hessian_runs: set[int]
+  eval_loss: Any
+  eval_runs: set[int]
+
+
+class Trainer:
+  """Builds mesh, model, step and eval once for runs of one shape, then loops over them.
+
+  One run trains with the plain step; several (a pack) with jit(vmap(step)) over their
+  stacked states, each at its own peak learning rate.
+  """
+
+  def __init__(self, runs: list[Run]):
+    self.runs = runs
+    self.packed = len(runs) > 1
+    cfg, plan = runs[0].cfg, runs[0].plan
+    self.cfg = cfg
+    self.mesh = step_lib.make_mesh()
+    self.sc = step_lib.StepConfig(
+        num_microbatches=plan.num_microbatches, microbatch=plan.microbatch_sequences,
+        seq_len=plan.seq_len, num_devices=plan.num_devices, noise=cfg.noise.enabled,
+        ema_decay=cfg.noise.ema_decay)
+    model = model_lib.Transformer(config_lib.model_config(cfg, plan.vocab_size))
+    self.loss_fn = lambda params, batch: model_lib.loss_fn(model, params, batch)
+    optimizer_at = lambda peak: _optimizer_at(cfg, peak)
+    if self.packed:
+      self.train_step = step_lib.make_packed_train_step(self.loss_fn, optimizer_at, self.sc,
+                                                        self.mesh)
+      for r in runs:
+        r.label = f"{r.plan.arg or r.workdir}: "
+    else:
+      tx, lr = optimizer_at(plan.learning_rate)
+      self.train_step = step_lib.make_train_step(self.loss_fn, tx, lr, self.sc, self.mesh)
+    self.hessian_fn = None
+    if cfg.noise.hessian_every:
+      curvature = "hessian" if cfg.noise.curvature == "hessian" else noise_scale.GaussNewton(
+          lambda p, b: model_lib.logits_fn(model, p, b), model_lib.cross_entropy)
+      self.hessian_fn = step_lib.make_hessian_fn(self.loss_fn, self.sc, self.mesh, curvature,
+                                                 packed=self.packed)
+    dummy = np.zeros((1, cfg.seq_len), np.int32)
+    init_params = lambda rng: model.init(rng, dummy)["params"]
+    groups = noise_scale.param_groups(jax.eval_shape(init_params, jax.random.key(0)))
+    self._init = lambda run: step_lib.init_state(
+        init_params, optimizer_at(run.plan.learning_rate)[0], jax.random.key(run.cfg.seed),
+        self.mesh, groups)
+    self.batch_sharding = NamedSharding(self.mesh, P(None, "data") if self.packed else P("data"))
+    eval_tokens = data_lib.make_eval_batches(cfg)  # the same on every process and run
+    self.eval_tokens = jax.make_array_from_callback(
+        eval_tokens.shape, NamedSharding(self.mesh, P("data")), lambda index: eval_tokens[index])
+    chunk = math.gcd(len(eval_tokens) // plan.num_devices, plan.microbatch_sequences)
+    self.eval_fn = step_lib.make_eval_fn(self.loss_fn, self.mesh, chunk, packed=self.packed)
+    replicated = NamedSharding(self.mesh, P())
+    # Stack and select on the mesh, replicated like the step's own state.
+    self._stack = jax.jit(lambda states: jax.tree.map(lambda *x: jnp.stack(x), *states),
+                          out_shardings=replicated)
+    self._select = jax.jit(lambda state, idx: jax.tree.map(lambda x: x[idx], state),
+                           out_shardings=replicated)
+
+  def _state_of(self, state: Any, k: int) -> Any:
+    """Run k's state (of the current stack), as its solo run holds it."""
+    return self._select(state, np.int32(k)) if self.packed else state
+
+  def train(self) -> list[str]:
+    """The loop: dispatch step n, then fetch step n−1's metrics (never block needlessly).
+
+    Returns each run's final status, in order.
+    """
+    runs = self.runs
+    states = []
+    for run in runs:
+      fresh = self._init(run)
+      restored = run.restore(checkpoint_lib.abstract(fresh))
+      states.append(fresh if restored is None else restored)
+      run.write_status(workdir_lib.RUNNING, "", run.step)
+    if self.sc.noise and self.sc.b_small == self.sc.b_big:
+      logging.warning("Noise scale undefined: one device and one microbatch (B_small = B_big); "
+                      "set microbatch_size below batch_size to measure it. Training on.")
+    state = self._stack(states) if self.packed else states[0]
+    del states
+    live = list(range(len(runs)))
+    preemption = _Preemption()
+    pending = None
+    try:
+      while True:
+        want = [i for i in live if runs[i].wants_step()]
+        # A run that stops leaves the pack: its state is copied out before the step donates it.
+        ending = [(i, self._state_of(state, k)) for k, i in enumerate(live) if i not in want]
+        if want and ending:
+          state = self._select(state, np.array([live.index(i) for i in want], np.int32))
+        live = want
+        if not live:
+          if pending:
+            self._finish(pending)
+          for i, s in ending:
+            runs[i].end(s)
+          break
+        state, pending, previous = self._dispatch(state, live, pending)
+        if previous:
+          self._finish(previous)
+        for i, s in ending:
+          runs[i].end(s)
+        del ending
+        preempted = preemption.agreed(runs[live[0]].step)
+        due = [k for k, i in enumerate(live)
+               if preempted or runs[i].step % self.cfg.checkpoint.every_steps == 0]
+        if due:
+          self._finish(pending)
+          pending = None
+          for k in due:
+            i = live[k]
+            if preempted:
+              runs[i].preempt(self._state_of(state, k))
+            elif not runs[i].diverged:
+              runs[i].save(self._state_of(state, k))
+          if preempted:
+            return [r.ended for r in runs]
+    finally:
+      preemption.restore()
+    return [r.ended for r in runs]
+
+  def _dispatch(self, state: Any, live: list[int], pending: _Pending | None):
+    """Dispatches one step of the live runs (and their due evals); returns the new state,
+    the step's _Pending and the previous one (to fetch now)."""
+    runs = [self.runs[i] for i in live]
+    local = [r.next_batch() for r in runs]
+    local = np.stack(local) if self.packed else local[0]
+    batch = jax.make_array_from_process_local_data(self.batch_sharding, local)
+    hessian, hessian_runs = {}, set()
+    every = self.cfg.noise.hessian_every
+    if self.hessian_fn:
+      hessian_runs = {i for i, r in zip(live, runs) if (r.step + 1) % every == 0}
+      if hessian_runs:  # on the params this step uses
+        hessian = self.hessian_fn(state.params, batch)
+    if self.packed:
+      peaks = np.array([r.plan.learning_rate for r in runs], np.float32)
+      state, metrics = self.train_step(state, batch, peaks)
+    else:
+      state, metrics = self.train_step(state, batch)
+    for r in runs:
+      r.step += 1
+    eval_runs = {i for i, r in zip(live, runs) if eval_due(r.step, self.cfg) or r.last_step()}
+    eval_loss = self.eval_fn(state.params, self.eval_tokens) if eval_runs else None
+    new = _Pending(list(live), [r.step for r in runs], metrics, hessian, hessian_runs,
+                   eval_loss, eval_runs)
+    return state, new, pending
+
+  def _finish(self, p: _Pending) -> None:
+    """Fetches a dispatched step's metrics and hands each run its row."""
+    metrics, hessian, eval_loss = jax.device_get((p.metrics, p.hessian, p.eval_loss))
+    for k, (i, step) in enumerate(zip(p.live, p.steps)):
+      pick = (lambda x: x[k]) if self.packed else (lambda x: x)
+      m = {key: pick(v) for key, v in metrics.items()}
+      if i in p.hessian_runs:
+        m.update({key: pick(v) for key, v in hessian.items()})
+      self.runs[i].finish(step, m, pick(eval_loss) if i in p.eval_runs else None)

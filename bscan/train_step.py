@@ -127,12 +127,12 @@ def per_device_grads(loss_fn: LossFn, sc: StepConfig, mesh: Mesh) -> Callable:
                                out_specs=P("data")))
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, lr: optax.Schedule,
-                    sc: StepConfig, mesh: Mesh) -> Callable:
-  """Returns jit(step)(state, batch) -> (state, metrics); the state is donated."""
+def _step_fn(loss_fn: LossFn, sc: StepConfig, mesh: Mesh) -> Callable:
+  """The step's body, (state, batch, tx, lr) -> (state, metrics), before jit (and vmap)."""
   grads_fn = _sharded_grads(loss_fn, sc, mesh)
 
-  def step(state: TrainState, batch: jax.Array):
+  def step(state: TrainState, batch: jax.Array, tx: optax.GradientTransformation,
+           lr: optax.Schedule):
     grads, loss, g_small_sq, group_small = grads_fn(state.params, batch)
     # |G_big|² of the global mean gradient, before clipping (clipping would bias it).
     group_big = noise_scale.group_sq_norms(grads)
@@ -149,8 +149,40 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, lr: optax
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, noise=noise)
     return new, metrics
 
+  return step
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, lr: optax.Schedule,
+                    sc: StepConfig, mesh: Mesh) -> Callable:
+  """Returns jit(step)(state, batch) -> (state, metrics); the state is donated."""
+  body = _step_fn(loss_fn, sc, mesh)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+  return jax.jit(lambda state, batch: body(state, batch, tx, lr),
+                 in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+# (peak learning rate, traced) -> the optimizer and its schedule at that peak.
+OptimizerAt = Callable[[jax.Array], tuple[optax.GradientTransformation, optax.Schedule]]
+
+
+def make_packed_train_step(loss_fn: LossFn, optimizer_at: OptimizerAt, sc: StepConfig,
+                           mesh: Mesh) -> Callable:
+  """jit(vmap(step))(states, batches, peak_lrs): P runs of one shape as one step.
+
+  Every input has a leading points axis: stacked states (donated), batches int32[P, B, T+1]
+  and each run's peak learning rate float32[P]. Each run's optimizer is built at its own
+  peak inside the trace, so the math per run is the solo step's.
+  """
+  body = _step_fn(loss_fn, sc, mesh)
+
+  def one(state, batch, peak):
+    tx, lr = optimizer_at(peak)
+    return body(state, batch, tx, lr)
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(jax.vmap(one),
+                 in_shardings=(replicated, NamedSharding(mesh, P(None, "data")), replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -166,28 +198,31 @@ def init_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransf
   return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(rng)
 
 
-def make_eval_fn(loss_fn: LossFn, mesh: Mesh, chunk: int) -> Callable:
+def make_eval_fn(loss_fn: LossFn, mesh: Mesh, chunk: int, packed: bool = False) -> Callable:
   """jit(eval)(params, tokens int32[n, T+1] sharded over 'data') -> mean loss.
 
   Each device evaluates its share `chunk` sequences at a time (a training microbatch), so
-  evaluation never needs more memory than training.
+  evaluation never needs more memory than training. `packed`: params stacked over runs, one
+  shared token set, a loss per run.
   """
 
   def per_device(params, tokens):
     chunks = tokens.reshape(-1, chunk, tokens.shape[-1])
     return lax.pmean(jnp.mean(lax.map(lambda c: loss_fn(params, c), chunks)), "data")
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")),
-                               out_specs=P()))
+  fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+  return jax.jit(jax.vmap(fn, in_axes=(0, None)) if packed else fn)
 
 
 def make_hessian_fn(loss_fn: LossFn, sc: StepConfig, mesh: Mesh,
-                    curvature: noise_scale.Curvature = "hessian") -> Callable:
+                    curvature: noise_scale.Curvature = "hessian",
+                    packed: bool = False) -> Callable:
   """jit(fn)(params, batch) -> B_noise terms; each device holds out its last microbatch for H·v.
 
   H must come from data independent of the gradients it multiplies (same-batch H is biased
   by O(1/B), the size of the term measured), so the gradients use the other K−1
-  microbatches: B_small is unchanged, B_big = (K−1)·D·B_small.
+  microbatches: B_small is unchanged, B_big = (K−1)·D·B_small. `packed`: params and
+  batches stacked over runs.
   """
 
   def per_device(params, batch):
@@ -196,4 +231,6 @@ def make_hessian_fn(loss_fn: LossFn, sc: StepConfig, mesh: Mesh,
                                            curvature=curvature, axis_name="data")
 
   fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
-  return jax.jit(fn, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
+  data = P(None, "data") if packed else P("data")
+  return jax.jit(jax.vmap(fn) if packed else fn,
+                 in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, data)))

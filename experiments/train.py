@@ -2,10 +2,12 @@
 
 import re
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 
 from bscan import errors
@@ -40,6 +42,12 @@ _BACKEND = flags.DEFINE_enum(
     "--gpus_per_node). With 'any', visible GPUs that JAX did not load are refused too.")
 _ALLOW_CPU = flags.DEFINE_bool("allow_cpu", False,
                                "Train on CPU even though GPUs are visible or were asked for.")
+_PACK_ARG = flags.DEFINE_multi_string(
+    "pack_arg", [], "Train this config-file arg too, packed into one vmapped step with the "
+    "--config run (same shapes; seed, optim.lr and budget.* may differ). Repeat it, once per "
+    "--pack_workdir, in the same order.")
+_PACK_WORKDIR = flags.DEFINE_multi_string("pack_workdir", [],
+                                          "The workdir of each --pack_arg run, in order.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the checkpoint is saved; rerun to resume
@@ -91,11 +99,25 @@ def main(argv):
   from bscan import train  # pylint: disable=g-import-not-at-top
 
   filename = config_flags.get_config_filename(flags.FLAGS["config"])
-  arg = filename.split(":", 1)[1] if ":" in filename else ""
-  status = train.run(_CONFIG.value, _WORKDIR.value, arg=arg,
-                     allow_config_change=_ALLOW_CHANGE.value)
-  if status == "preempted":
+  path, _, arg = filename.partition(":")
+  specs = [train.RunSpec(_CONFIG.value, epath.Path(_WORKDIR.value), arg)]
+  specs += packed_runs(path, _PACK_ARG.value, _PACK_WORKDIR.value)
+  statuses = train.run_packed(specs, allow_config_change=_ALLOW_CHANGE.value)
+  if "preempted" in statuses:
     sys.exit(EXIT_PREEMPTED)
+
+
+def packed_runs(path: str, args: list[str], workdirs: list[str]) -> list[Any]:
+  """The --pack_arg runs: the config file at each arg, with the same --config.* overrides."""
+  from bscan import train  # pylint: disable=g-import-not-at-top
+  from launch import points  # pylint: disable=g-import-not-at-top
+
+  if len(args) != len(workdirs):
+    raise errors.ConfigError(f"--pack_arg given {len(args)} time(s) and --pack_workdir "
+                             f"{len(workdirs)}: give one workdir per packed arg, in order")
+  overrides = [a[len("--config."):] for a in sys.argv if a.startswith("--config.")]
+  return [train.RunSpec(points.point_config(path, arg, overrides), epath.Path(workdir), arg)
+          for arg, workdir in zip(args, workdirs)]
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 r"""Runs every point of a sweep on this machine, N at a time, resumably.
 
   python -m launch.local --config=experiments/configs/scan.py --workdir=runs/scan \
-      [--parallel=2] [--noanalysis] [--analyze_unfinished]
+      [--parallel=2] [--pack=4] [--noanalysis] [--analyze_unfinished]
 
 Each point runs as `python -m experiments.train --config=FILE:ARG --workdir=POINT_DIR
---multihost=off` with its output in SWEEP_DIR/logs/<point>.log. Points whose status.json
+--multihost=off` with its output in SWEEP_DIR/logs/<point>.log. With --pack=N, up to N points
+that differ only in lr and seed train in one trainer as one vmapped step (--pack_arg), each in
+its own workdir with the rows of its solo run; the trainer's output goes to the first one's log. Points whose status.json
 says done or diverged are skipped; others (new, interrupted, preempted, failed) run, and the
 trainer resumes them from their checkpoint. A lock file per point (see launch/locks.py)
 keeps two launchers sharing a sweep from running a point twice. A failing point never stops
@@ -47,7 +49,10 @@ def define_flags() -> None:
   """Defines this binary's flags (only when run as one, so the module imports cleanly)."""
   flags.DEFINE_string("config", None, "Scan config file defining sweep().", required=True)
   flags.DEFINE_string("workdir", None, "Sweep dir (local path or gs://).", required=True)
-  flags.DEFINE_integer("parallel", 1, "Points run at the same time.")
+  flags.DEFINE_integer("parallel", 1, "Trainer processes run at the same time.")
+  flags.DEFINE_integer(
+      "pack", 1, "Points trained together in one trainer (one vmapped step): up to this many "
+      "points that differ only in lr and seed share a process. 1 = one point per process.")
   flags.DEFINE_string(
       "trainer", "experiments.train", "Trainer module (python -m) or .py file run per point.")
   flags.DEFINE_string("python", shlex.quote(sys.executable),
@@ -69,18 +74,36 @@ def define_flags() -> None:
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
+PACK_AXES = ("lr", "seed")  # points that differ only in these can share one trainer
+
+
 @dataclasses.dataclass
 class _Running:
-  """A trainer child process and what it holds."""
+  """A trainer child process and what it holds: its point(s), their locks, its log."""
 
-  point: sweep_lib.ExpandedPoint
+  points: list[sweep_lib.ExpandedPoint]
   proc: subprocess.Popen[bytes]
-  lock: locks.PointLock
+  locks: list[locks.PointLock]
   log: IO[bytes]
   log_path: str
   start: float
   terminated: bool = False
   term_time: float = 0.0
+
+
+def pack_points(points: Sequence[sweep_lib.ExpandedPoint],
+                size: int) -> list[list[sweep_lib.ExpandedPoint]]:
+  """Groups points that differ only in PACK_AXES, at most `size` per group, in sweep order."""
+  groups: dict[tuple, list[list[sweep_lib.ExpandedPoint]]] = {}
+  order = []
+  for p in points:
+    key = tuple(sorted((k, str(v)) for k, v in p.point.items() if k not in PACK_AXES))
+    packs = groups.setdefault(key, [])
+    if not packs or len(packs[-1]) >= size:
+      packs.append([])
+      order.append(packs[-1])
+    packs[-1].append(p)
+  return order
 
 
 def default_state_dir(sweep_dir: str, kind: str) -> str:
@@ -121,6 +144,7 @@ class LocalSweep:
   config: str
   sweep_dir: str
   parallel: int = 1
+  pack: int = 1
   trainer: str = "experiments.train"
   python: str = shlex.quote(sys.executable)  # shell words
   lock_dir: str = ""
@@ -134,6 +158,9 @@ class LocalSweep:
     if self.parallel < 1:
       raise ConfigError(f"--parallel={self.parallel}: give the number of points run at the "
                         "same time, >= 1")
+    if self.pack < 1:
+      raise ConfigError(f"--pack={self.pack}: give the most points one trainer trains "
+                        "together, >= 1 (1 = no packing)")
     if self.term_timeout_s < 0:
       raise ConfigError(f"--term_timeout_s={self.term_timeout_s}: give seconds >= 0")
     cli.check_python("python", self.python, here=True)
@@ -152,13 +179,23 @@ class LocalSweep:
     del signum, frame  # no I/O here: the main loop reports it
     self._stopping += 1
 
-  def _start(self, point: sweep_lib.ExpandedPoint, lock: locks.PointLock) -> _Running:
-    log_path = os.path.join(self.log_dir, sweep_lib.point_relpath(point.point) + ".log")
+  def _log_path(self, point: sweep_lib.ExpandedPoint) -> str:
+    return os.path.join(self.log_dir, sweep_lib.point_relpath(point.point) + ".log")
+
+  def _start(self, points: list[sweep_lib.ExpandedPoint],
+             held: list[locks.PointLock]) -> _Running:
+    log_path = self._log_path(points[0])
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     log = open(log_path, "ab")
-    cmd = sweep_lib.trainer_command(self.python, self.trainer, self.config, point, "off")
+    packed = [f for p in points[1:] for f in (f"--pack_arg={p.arg}", f"--pack_workdir={p.workdir}")]
+    cmd = sweep_lib.trainer_command(self.python, self.trainer, self.config, points[0], "off",
+                                    flags=packed)
     log.write(f"\n$ {' '.join(cmd)}\n".encode())
     log.flush()
+    for p in points[1:]:  # each point's own log says where its trainer writes
+      os.makedirs(os.path.dirname(self._log_path(p)), exist_ok=True)
+      with open(self._log_path(p), "a") as f:
+        f.write(f"\npacked with {points[0].arg}: trainer output in {log_path}\n")
     # The child ignores SIGINT (an ignored signal stays ignored across exec, and Python then
     # installs no KeyboardInterrupt handler): Ctrl-C reaches the whole process group, and the
     # trainer must get SIGTERM from us and checkpoint instead of dying mid-step.
@@ -167,14 +204,20 @@ class LocalSweep:
       proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     finally:
       signal.signal(signal.SIGINT, previous)
-    lock.set_child(proc.pid)
-    return _Running(point, proc, lock, log, log_path, time.time())
+    for lock in held:
+      lock.set_child(proc.pid)
+    return _Running(points, proc, held, log, log_path, time.time())
 
-  def _finish(self, r: _Running) -> str:
-    """Reads the finished point's status and returns its outcome (and counts it)."""
+  def _finish(self, r: _Running) -> list[str]:
+    """Reads the finished points' statuses and returns their outcomes (and counts them)."""
     r.log.close()
-    r.lock.release()
-    status = workdir_lib.read_status_or_damaged(r.point.workdir)
+    for lock in r.locks:
+      lock.release()
+    return [self._outcome(r, point) for point in r.points]
+
+  def _outcome(self, r: _Running, point: sweep_lib.ExpandedPoint) -> str:
+    """One point's outcome after its trainer exited (said and counted)."""
+    status = workdir_lib.read_status_or_damaged(point.workdir)
     rc = r.proc.returncode
     if workdir_lib.is_final(status):
       outcome, text = status.status, status.describe()
@@ -191,7 +234,7 @@ class LocalSweep:
       outcome = "failed"
       text = f"failed: trainer exited 0 but status is {workdir_lib.describe(status)}"
     self.counts[outcome] += 1
-    self._say(f"{r.point.arg}: {text} [{time.time() - r.start:.0f}s, log {r.log_path}]")
+    self._say(f"{point.arg}: {text} [{time.time() - r.start:.0f}s, log {r.log_path}]")
     return outcome
 
   def run(self) -> int:
@@ -204,37 +247,30 @@ class LocalSweep:
     points = sweep_lib.expand(sweep, self.sweep_dir)
     # A point whose status changes after this snapshot was run by another launcher meanwhile.
     snapshot = {p.workdir: self._read_status(p) for p in points}
-    pending = collections.deque(
-        p for p in points if not workdir_lib.is_final(snapshot[p.workdir]))
+    unfinished = [p for p in points if not workdir_lib.is_final(snapshot[p.workdir])]
+    pending = collections.deque(pack_points(unfinished, self.pack))
     if self.sweep_dir.startswith("gs://") and self._default_lock_dir:
       self._say(f"note: locks in {self.lock_dir} guard only against launchers on this host; "
                 "pass --lock_dir=<NFS path> to share a gs:// sweep between machines")
-    self._say(f"sweep {self.config}: {len(points)} points, {len(points) - len(pending)} already "
-              f"finished, targets {list(sweep.targets)}, parallel {self.parallel}")
+    self._say(f"sweep {self.config}: {len(points)} points, {len(points) - len(unfinished)} "
+              f"already finished, targets {list(sweep.targets)}, parallel {self.parallel}"
+              + (f", packed {self.pack} per trainer into {len(pending)}" if self.pack > 1 else ""))
     old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm.tqdm(total=len(points), initial=len(points) - len(pending), unit="point",
+    bar = tqdm.tqdm(total=len(points), initial=len(points) - len(unfinished), unit="point",
                     desc="points", file=sys.stderr, dynamic_ncols=True)
     running: list[_Running] = []
     announced = 0
     try:
       while running or (pending and not self._stopping):
         while pending and not self._stopping and len(running) < self.parallel:
-          point = pending.popleft()
-          lock = self._lock(point)
-          if not lock.try_acquire():
-            self.counts["elsewhere"] += 1
-            self._say(f"{point.arg}: skipped, running in another launcher: "
-                      f"{lock.describe_owner()}")
-            continue
-          status = workdir_lib.read_status_or_damaged(point.workdir)
-          if status != snapshot[point.workdir]:
-            lock.release()
-            self.counts["elsewhere"] += 1
-            self._say(f"{point.arg}: skipped, another launcher ran it meanwhile: "
-                      f"{workdir_lib.describe(status)}")
-            bar.update(workdir_lib.is_final(status))
-            continue
-          running.append(self._start(point, lock))
+          group, held = [], []
+          for point in pending.popleft():
+            lock = self._claim(point, snapshot, bar)
+            if lock:
+              group.append(point)
+              held.append(lock)
+          if group:
+            running.append(self._start(group, held))
         if self._stopping:
           if self._stopping != announced:
             announced = self._stopping
@@ -243,15 +279,15 @@ class LocalSweep:
           self._stop(running)
         for r in [r for r in running if r.proc.poll() is not None]:
           running.remove(r)
-          if self._finish(r) in workdir_lib.FINAL_STATES:
-            bar.update(1)
+          bar.update(sum(o in workdir_lib.FINAL_STATES for o in self._finish(r)))
         bar.set_postfix(running=len(running), failed=self.counts["failed"], refresh=False)
         time.sleep(0.05)
     finally:
       for r in running:  # only on an unexpected error: leave no orphan holding a lock
         r.proc.kill()
         r.proc.wait()
-        r.lock.release()
+        for lock in r.locks:
+          lock.release()
       bar.close()
       for s, h in old_handlers.items():
         signal.signal(s, h)
@@ -265,6 +301,24 @@ class LocalSweep:
     if self._stopping:
       return EXIT_INTERRUPTED
     return EXIT_FAILED if self.unfinished else 0
+
+  def _claim(self, point: sweep_lib.ExpandedPoint, snapshot: dict[str, Any],
+             bar: tqdm.tqdm) -> locks.PointLock | None:
+    """The point's lock, held, or None (said) when another launcher has it or ran it."""
+    lock = self._lock(point)
+    if not lock.try_acquire():
+      self.counts["elsewhere"] += 1
+      self._say(f"{point.arg}: skipped, running in another launcher: {lock.describe_owner()}")
+      return None
+    status = workdir_lib.read_status_or_damaged(point.workdir)
+    if status != snapshot[point.workdir]:
+      lock.release()
+      self.counts["elsewhere"] += 1
+      self._say(f"{point.arg}: skipped, another launcher ran it meanwhile: "
+                f"{workdir_lib.describe(status)}")
+      bar.update(workdir_lib.is_final(status))
+      return None
+    return lock
 
   def _lock(self, point: sweep_lib.ExpandedPoint) -> locks.PointLock:
     return locks.PointLock(
@@ -326,7 +380,7 @@ def run_analysis(sweep_dir: str, python: str = shlex.quote(sys.executable)) -> i
 def main(argv: Sequence[str]) -> None:
   cli.no_arguments(argv)
   sweep = LocalSweep(config=FLAGS.config, sweep_dir=FLAGS.workdir, parallel=FLAGS.parallel,
-                     trainer=FLAGS.trainer, python=FLAGS.python, lock_dir=FLAGS.lock_dir,
+                     pack=FLAGS.pack, trainer=FLAGS.trainer, python=FLAGS.python, lock_dir=FLAGS.lock_dir,
                      log_dir=FLAGS.trainer_logs, term_timeout_s=FLAGS.term_timeout_s)
   rc = sweep.run()
   if rc == EXIT_INTERRUPTED or not FLAGS.analysis:

@@ -54,3 +54,21 @@ def test_sigkill_and_rerun_finishes_every_point_exactly_once(tmp_path):
     assert _steps(sweep_dir / point) == list(range(1, 31))
   saved = sweep_lib.read_sweep_json(str(sweep_dir))
   assert saved["targets"] == [4.0, 3.5] and len(saved["points"]) == 3
+
+
+def test_pack_trains_points_of_one_shape_in_one_trainer(tmp_path):
+  env = {**os.environ, "BSCAN_DATA_DIR": str(tmp_path / "data"), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": ""}
+  sweep_dir = tmp_path / "sweep"
+  cmd = [sys.executable, "-m", "launch.local", f"--config={REPO / 'tests/packed_scan_config.py'}",
+         f"--workdir={sweep_dir}", "--noanalysis", "--pack=4"]
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "packed 4 per trainer into 2" in out.stdout
+  for point in ("tiny/b4/lr1e-3", "tiny/b4/lr3e-3", "tiny/b8/lr1e-3"):
+    assert workdir_lib.read_status(sweep_dir / point).status == "done"
+    assert _steps(sweep_dir / point) == list(range(1, 31))
+  log = (sweep_dir / "logs/tiny/b4/lr1e-3.log").read_text()
+  assert "--pack_arg=size=tiny,batch=4,lr=0.003" in log and "2 runs packed" in log
+  assert "packed with size=tiny,batch=4,lr=0.001" in (
+      sweep_dir / "logs/tiny/b4/lr3e-3.log").read_text()

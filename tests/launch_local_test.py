@@ -189,3 +189,16 @@ def test_point_preempted_from_outside_is_reported_and_resumes(tmp_path):
   rc, out = _finish(_launch(str(tmp_path), steps=30, step_s=0.02))
   assert rc == 1 and "1 done, 1 failed" in out, out
   assert _steps(str(tmp_path), GOOD[0]) == list(range(1, 31))
+
+
+def test_pack_points_groups_points_that_differ_only_in_lr_and_seed():
+  from bscan import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  from launch import local  # pylint: disable=g-import-not-at-top
+  points = [{"size": "tiny", "batch": b, "lr": lr, "seed": s}
+            for b in (2, 4) for lr in (1e-3, 3e-3) for s in (0, 1)] + [{"size": "tiny", "batch": 8}]
+  expanded = sweep_lib.expand(sweep_lib.Sweep(points=points, targets=(1.0,)), "/s")
+  packs = local.pack_points(expanded, 3)
+  assert [[p.point.get("batch") for p in pack] for pack in packs] == [
+      [2, 2, 2], [2], [4, 4, 4], [4], [8]]
+  assert [p.arg for p in packs[1]] == ["size=tiny,batch=2,lr=0.003,seed=1"]
+  assert local.pack_points(expanded, 1) == [[p] for p in expanded]
