@@ -11,7 +11,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install test scan demo demo-multiprocess
+.PHONY: install test scan demo demo-multiprocess benchmark
 install: $(VENV)/.installed
 
 test: install
@@ -27,3 +27,11 @@ demo: install
 demo-multiprocess: install
 	$(PY) -m launch.multiprocess --processes=2 --devices_per_process=4 -- \
 	  --config=experiments/configs/demo.py --workdir=runs/demo-2x4
+
+# The train-step benchmark against the PyTorch reference (torch, CPU build, into the venv only
+# here: bscan itself never needs it), pinned to one core when taskset exists.
+BENCH_ARGS ?= --size=3m,98k --batch=16 --seq_len=256 --json=runs/benchmark.json
+benchmark: install
+	$(PY) -m pip install --quiet torch
+	mkdir -p runs
+	$$(command -v taskset >/dev/null && echo taskset -c 0) $(PY) -m experiments.benchmark $(BENCH_ARGS)

@@ -75,6 +75,30 @@ class Embed(nn.Module):
                    preferred_element_type=jnp.float32)
 
 
+def causal_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array,
+                     v_BxTxNxH: jax.Array) -> jax.Array:
+  """softmax(q·kᵀ/√H + causal mask)·v, as jax.nn.dot_product_attention(is_causal=True).
+
+  Written out because XLA's CPU backend runs it, forward and backward, faster than the
+  library call (3m shape, 8 × 256 tokens, 4 heads × 64, one core: 48 ms against 82 ms; the
+  whole train step ≈ 11% faster). Heads-major matmuls; the scale is folded into q; the
+  softmax runs in float32 even when the compute dtype is bfloat16. Forward-over-reverse
+  (the B_noise Hessian-vector products) differentiates it like any JAX code.
+  """
+  dtype = q_BxTxNxH.dtype
+  q_BxNxTxH = (q_BxTxNxH * q_BxTxNxH.shape[-1] ** -0.5).transpose(0, 2, 1, 3)
+  k_BxNxTxH = k_BxTxNxH.transpose(0, 2, 1, 3)
+  v_BxNxTxH = v_BxTxNxH.transpose(0, 2, 1, 3)
+  s_BxNxTxT = jnp.matmul(q_BxNxTxH, k_BxNxTxH.swapaxes(-1, -2),
+                         preferred_element_type=jnp.float32)
+  t = s_BxNxTxT.shape[-1]
+  causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+  # -inf is safe: the diagonal is never masked, so no row is all -inf.
+  p_BxNxTxT = jax.nn.softmax(jnp.where(causal_TxT, s_BxNxTxT, -jnp.inf), axis=-1)
+  y_BxNxTxH = jnp.matmul(p_BxNxTxT.astype(dtype), v_BxNxTxH)
+  return y_BxNxTxH.transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
   """Causal multi-head self-attention."""
 
@@ -87,7 +111,7 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * cfg.d_model, dtype=cfg.dtype, name="qkv",
                    kernel_init=nn.initializers.normal(0.02))(x_BxTxD)
     q, k, v = jnp.split(qkv.reshape(b, t, 3 * cfg.n_heads, cfg.d_head), 3, axis=2)
-    y_BxTxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    y_BxTxNxH = causal_attention(q, k, v)
     # Output projection scaled down with depth (GPT-2) so the residual stream starts O(1).
     proj_init = nn.initializers.normal(0.02 / (2 * cfg.n_layer) ** 0.5)
     return nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj", kernel_init=proj_init)(

@@ -153,8 +153,8 @@ def check_packable(specs: list[RunSpec]) -> None:
     if diffs:
       raise ConfigError(
           f"runs {specs[0].arg!r} and {spec.arg!r} cannot train packed: they differ in "
-          f"{diffs[:6]}; only {', '.join(PACKABLE_FIELDS)} and budget.* may differ (run them "
-          "in separate packs)")
+          f"{diffs[:6]}; only {', '.join(PACKABLE_FIELDS)}, budget.* and checkpoint.* may "
+          "differ (run them in separate packs)")
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: epath.PathLike, arg: str = "",
@@ -381,6 +381,22 @@ class Run:
     return cols
 
 
+def _share_data(runs: list[Run]) -> bool:
+  """Gives runs one data iterator when their streams are the same (True) — same data config
+  and seed, at the same position (a learning-rate sweep) — so the pack reads it once.
+
+  Each run still checkpoints the shared iterator's state, the one its own would have.
+  """
+  first = runs[0]
+  data = first.cfg.data.to_dict()  # dicts: a locked ConfigDict never equals an unlocked one
+  same = all(r.cfg.seed == first.cfg.seed and r.cfg.data.to_dict() == data and
+             r.data_iter.get_state() == first.data_iter.get_state() for r in runs[1:])
+  if same:
+    for r in runs[1:]:
+      r.data_iter = first.data_iter
+  return same
+
+
 @dataclasses.dataclass
 class _Pending:
   """A dispatched step whose metrics are not fetched yet: which runs, and their outputs."""
@@ -468,6 +484,9 @@ class Trainer:
                       "set microbatch_size below batch_size to measure it. Training on.")
     state = self._stack(states) if self.packed else states[0]
     del states
+    self.shared_data = self.packed and _share_data(runs)
+    if self.shared_data and runs[0].is_main:
+      print(f"{len(runs)} packed runs read one data stream (same seed and position)", flush=True)
     live = list(range(len(runs)))
     preemption = _Preemption()
     pending = None
@@ -513,8 +532,12 @@ class Trainer:
     """Dispatches one step of the live runs (and their due evals); returns the new state,
     the step's _Pending and the previous one (to fetch now)."""
     runs = [self.runs[i] for i in live]
-    local = [r.next_batch() for r in runs]
-    local = np.stack(local) if self.packed else local[0]
+    if self.shared_data:  # one stream for the pack: read once, every run gets the batch
+      batch = runs[0].next_batch()
+      local = np.ascontiguousarray(np.broadcast_to(batch, (len(runs), *batch.shape)))
+    else:
+      local = [r.next_batch() for r in runs]
+      local = np.stack(local) if self.packed else local[0]
     batch = jax.make_array_from_process_local_data(self.batch_sharding, local)
     hessian, hessian_runs = {}, set()
     every = self.cfg.noise.hessian_every

@@ -6,8 +6,8 @@ r"""Runs every point of a sweep on this machine, N at a time, resumably.
 Each point runs as `python -m experiments.train --config=FILE:ARG --workdir=POINT_DIR
 --multihost=off` with its output in SWEEP_DIR/logs/<point>.log. With --pack=N, up to N points
 that differ only in lr and seed train in one trainer as one vmapped step (--pack_arg), each in
-its own workdir with the rows of its solo run; the trainer's output goes to the first one's log. Points whose status.json
-says done or diverged are skipped; others (new, interrupted, preempted, failed) run, and the
+its own workdir with the rows of its solo run; the trainer's output goes to the first one's log.
+Points whose status.json says done or diverged are skipped; others (new, interrupted, preempted, failed) run, and the
 trainer resumes them from their checkpoint. A lock file per point (see launch/locks.py)
 keeps two launchers sharing a sweep from running a point twice. A failing point never stops
 the others. At the end every point that is not final (failed, preempted, running elsewhere,
@@ -187,7 +187,8 @@ class LocalSweep:
     log_path = self._log_path(points[0])
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     log = open(log_path, "ab")
-    packed = [f for p in points[1:] for f in (f"--pack_arg={p.arg}", f"--pack_workdir={p.workdir}")]
+    packed = [flag for p in points[1:]
+              for flag in (f"--pack_arg={p.arg}", f"--pack_workdir={p.workdir}")]
     cmd = sweep_lib.trainer_command(self.python, self.trainer, self.config, points[0], "off",
                                     flags=packed)
     log.write(f"\n$ {' '.join(cmd)}\n".encode())
@@ -380,7 +381,8 @@ def run_analysis(sweep_dir: str, python: str = shlex.quote(sys.executable)) -> i
 def main(argv: Sequence[str]) -> None:
   cli.no_arguments(argv)
   sweep = LocalSweep(config=FLAGS.config, sweep_dir=FLAGS.workdir, parallel=FLAGS.parallel,
-                     pack=FLAGS.pack, trainer=FLAGS.trainer, python=FLAGS.python, lock_dir=FLAGS.lock_dir,
+                     pack=FLAGS.pack, trainer=FLAGS.trainer, python=FLAGS.python,
+                     lock_dir=FLAGS.lock_dir,
                      log_dir=FLAGS.trainer_logs, term_timeout_s=FLAGS.term_timeout_s)
   rc = sweep.run()
   if rc == EXIT_INTERRUPTED or not FLAGS.analysis:

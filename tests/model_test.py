@@ -75,3 +75,43 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   params = model.init(jax.random.key(0), ids)["params"]
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   assert model.apply({"params": params}, ids).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("t", [1, 7, 16])
+def test_causal_attention_matches_jax_dot_product_attention(t):
+  # The model's written-out attention against the library call: outputs and gradients.
+  q, k, v, c = (jax.random.normal(key, (2, t, 3, 8)) for key in
+                jax.random.split(jax.random.key(0), 4))
+  ref = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True) * c)
+  ours = lambda q, k, v: jnp.sum(model_lib.causal_attention(q, k, v) * c)
+  np.testing.assert_allclose(model_lib.causal_attention(q, k, v),
+                             jax.nn.dot_product_attention(q, k, v, is_causal=True),
+                             rtol=1e-5, atol=1e-6)
+  for g, g_ref in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_attention_bfloat16_is_close_to_float32():
+  q, k, v = (jax.random.normal(key, (2, 16, 2, 8)) for key in
+             jax.random.split(jax.random.key(1), 3))
+  y16 = model_lib.causal_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y16.astype(jnp.float32), model_lib.causal_attention(q, k, v),
+                             atol=0.05)
+
+
+def test_loss_and_gradients_match_the_library_layers():
+  # The whole model against itself built on jax.nn.dot_product_attention.
+  cfg = _cfg("tiny")
+  model = model_lib.Transformer(cfg)
+  batch = jax.random.randint(jax.random.key(3), (2, 17), 0, cfg.vocab_size)
+  params = model.init(jax.random.key(0), batch[:, :-1])["params"]
+  loss, grads = jax.value_and_grad(lambda p: model_lib.loss_fn(model, p, batch))(params)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(model_lib, "causal_attention",
+               lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    ref_loss, ref_grads = jax.value_and_grad(lambda p: model_lib.loss_fn(model, p, batch))(
+        params)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

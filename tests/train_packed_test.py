@@ -21,10 +21,11 @@ RTOL = {"b_simple_tokens": 1e-2, "b_simple_seqs": 1e-2, "ns_gsq": 1e-2, "ns_trac
 
 
 def _specs(pystdlib_cfg, tmp_path, name: str) -> list[train.RunSpec]:
-  """Three runs of one shape: two learning rates and seeds, and one with a shorter budget."""
+  """Three runs of one shape and seed (one data stream): three learning rates, one of them
+  with a shorter budget."""
   cfg = _tiny(base.get_base_config(), pystdlib_cfg, steps=12)
-  variants = [dict(lr=3e-3, seed=0, steps=12), dict(lr=1e-2, seed=1, steps=12),
-              dict(lr=1e-3, seed=2, steps=7)]
+  variants = [dict(lr=3e-3, seed=0, steps=12), dict(lr=1e-2, seed=0, steps=12),
+              dict(lr=1e-3, seed=0, steps=7)]
   specs = []
   for i, v in enumerate(variants):
     c = copy.deepcopy(cfg)
@@ -58,10 +59,11 @@ def solo(pystdlib_cfg, tmp_path_factory):
   return specs, [_rows(s.workdir) for s in specs]
 
 
-def test_packed_runs_equal_their_solo_runs(solo, pystdlib_cfg, tmp_path):
+def test_packed_runs_equal_their_solo_runs(solo, pystdlib_cfg, tmp_path, capsys):
   solo_specs, solo_rows = solo
   specs = _specs(pystdlib_cfg, tmp_path, "packed")
   assert train.run_packed(specs) == ["done"] * 3
+  assert "3 packed runs read one data stream" in capsys.readouterr().out
   for s, want, alone in zip(specs, solo_rows, solo_specs):
     _assert_rows_close(_rows(s.workdir), want)
     got_status, want_status = (workdir_lib.read_status(w) for w in (s.workdir, alone.workdir))
@@ -106,6 +108,17 @@ def test_preempted_pack_resumes_to_the_solo_rows(solo, pystdlib_cfg, tmp_path, m
   assert train.run_packed(specs) == ["done"] * 3
   for s, want in zip(specs, solo_rows):
     _assert_rows_close(_rows(s.workdir), want)
+
+
+def test_packed_runs_with_other_seeds_keep_their_own_data(solo, pystdlib_cfg, tmp_path,
+                                                           capsys):
+  _, solo_rows = solo
+  specs = _specs(pystdlib_cfg, tmp_path, "packed")[:2]
+  specs[1].cfg.seed = 1
+  assert train.run_packed(specs) == ["done", "done"]
+  assert "one data stream" not in capsys.readouterr().out
+  _assert_rows_close(_rows(specs[0].workdir), solo_rows[0])
+  assert _rows(specs[1].workdir)[0]["train_loss"] != solo_rows[1][0]["train_loss"]
 
 
 def test_diverged_run_leaves_the_pack(pystdlib_cfg, tmp_path):
