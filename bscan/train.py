@@ -512,7 +512,7 @@ class Trainer:
         del ending
         preempted = preemption.agreed(runs[live[0]].step)
         due = [k for k, i in enumerate(live)
-               if preempted or runs[i].step % self.cfg.checkpoint.every_steps == 0]
+               if preempted or runs[i].step % runs[i].cfg.checkpoint.every_steps == 0]
         if due:
           self._finish(pending)
           pending = None
