@@ -5,7 +5,6 @@ import json
 import math
 import secrets
 import signal
-import time
 from typing import Any
 
 from absl import logging
@@ -23,11 +22,10 @@ from bscan import data as data_lib
 from bscan import model as model_lib
 from bscan import noise_scale
 from bscan import optim
-from bscan import stopping
+from bscan import run as run_lib
 from bscan import train_step as step_lib
 from bscan import workdir as workdir_lib
 from bscan.errors import ConfigError
-from bscan.workdir import Col
 
 
 def eval_due(step: int, cfg: ml_collections.ConfigDict) -> bool:
@@ -202,9 +200,9 @@ def run_packed(specs: list[RunSpec], allow_config_change: bool = False) -> list[
                                                 else ""), flush=True)
     for spec, plan in zip(todo, plans):
       workdir_lib.write_config(spec.workdir, json.loads(spec.cfg.to_json()), spec.arg, plan)
-  runs: list[Run] = []
+  runs: list[run_lib.Run] = []
   try:
-    runs = [Run(s.cfg, s.workdir, plan) for s, plan in zip(todo, plans)]
+    runs = [run_lib.Run(s.cfg, s.workdir, plan) for s, plan in zip(todo, plans)]
     trainer = Trainer(runs)
     ended = iter(trainer.train())
   except Exception as e:  # Recorded for the launcher and the analysis, then re-raised.
@@ -242,161 +240,6 @@ def _optimizer_at(cfg: ml_collections.ConfigDict, peak) -> tuple[Any, Any]:
   return optim.optimizer(cfg, lr), lr
 
 
-class Run:
-  """One run's files and loop state: data order, metric rows, checkpoints, stop rules."""
-
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: epath.Path,
-               plan: workdir_lib.RunPlan):
-    self.cfg, self.workdir, self.plan = cfg, workdir, plan
-    self.is_main = jax.process_index() == 0
-    self.data_iter = data_lib.make_train_iterator(
-        cfg, process_index=jax.process_index(), process_count=jax.process_count())
-    self.writer = workdir_lib.MetricsWriter(workdir, enabled=self.is_main)
-    self.ckpt = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
-    b = cfg.budget
-    self.stop_rule = stopping.StopRule.from_tokens(
-        b.target_loss, b.overshoot, plan.max_steps, plan.batch_tokens, b.smoothing_tokens)
-    self.divergence = stopping.DivergenceRule(b.diverge_margin, b.diverge_patience)
-    self.loop = stopping.LoopState()
-    self.step = 0  # last dispatched step
-    self._last_fetch = None
-    self.diverged = ""  # the reason, once diverged
-    self.step_diverged = 0
-    self.ended = ""  # the final status, once written
-    self.label = ""  # prefix of its progress lines: its arg when packed with others
-
-  def close(self) -> None:
-    self.writer.close()
-    self.ckpt.close()
-
-  def restore(self, abstract_state: Any) -> Any:
-    """The newest intact checkpoint's state (None: start over); rows cut back to its step."""
-    restored = None
-    if self.ckpt.latest_step() is not None:
-      restored = self.ckpt.restore(abstract_state, self.data_iter,
-                                   lambda loop: stopping.LoopState(**loop))
-    if restored is None:
-      self.writer.resume(0, None)  # rows of an attempt that ended before any checkpoint
-      return None
-    self.step, state, self.loop = restored
-    # Checkpoints written before rows were counted hold rows=0: nothing to check against.
-    self.writer.resume(self.step, self.loop.rows or None)
-    if self.is_main:
-      print(f"{self.label}resumed from the checkpoint at step {self.step}", flush=True)
-    return state
-
-  def wants_step(self) -> bool:
-    """Whether the next step runs (decided on the rows fetched so far, one step behind)."""
-    return not self.diverged and self.step < self.stop_rule.stop_step(self.loop)
-
-  def last_step(self) -> bool:
-    """Whether the step just dispatched is the run's last (its row gets an eval loss)."""
-    return self.step == self.stop_rule.stop_step(self.loop)
-
-  def next_batch(self) -> np.ndarray:
-    return next(self.data_iter)
-
-  def write_status(self, status: str, reason: str, step: int) -> None:
-    if self.is_main:
-      workdir_lib.write_status(self.workdir, status, reason, step, step * self.plan.batch_tokens)
-    if status in workdir_lib.FINAL_STATES + (workdir_lib.PREEMPTED,):
-      self.ended = status
-
-  def save(self, state: Any, force: bool = False) -> None:
-    self.writer.flush()
-    self.ckpt.save(self.step, state, self.data_iter, dataclasses.asdict(self.loop), force=force)
-
-  def end(self, state: Any) -> str:
-    """Writes the final status (and checkpoint) of a run that stopped training."""
-    if self.diverged:
-      self.write_status(workdir_lib.DIVERGED, self.diverged, self.step_diverged)
-      return workdir_lib.DIVERGED
-    if self.ckpt.latest_step() != self.step:
-      self.save(state, force=True)
-    reason = self.stop_rule.reason(self.loop)
-    self.write_status(workdir_lib.DONE, reason, self.step)
-    if self.is_main:
-      print(f"{self.label}done: {reason} → {self.workdir}", flush=True)
-    return workdir_lib.DONE
-
-  def preempt(self, state: Any) -> str:
-    """Saves and marks the run preempted (a diverged run ends as diverged instead)."""
-    if self.diverged:
-      return self.end(state)
-    self.save(state)
-    self.ckpt.wait()
-    self.write_status(workdir_lib.PREEMPTED,
-                      f"SIGTERM at step {self.step}; rerun the same command to resume", self.step)
-    return workdir_lib.PREEMPTED
-
-  def finish(self, step: int, m: dict[str, Any], eval_loss) -> None:
-    """Writes one step's row (fetched metrics) and applies the stop and divergence rules."""
-    now = time.perf_counter()
-    dt = now - self._last_fetch if self._last_fetch is not None else float("nan")
-    self._last_fetch = now
-    loss = float(m["train_loss"])
-    tokens = self.plan.batch_tokens
-    row = {Col.STEP: step, Col.TOKENS: step * tokens, Col.TRAIN_LOSS: loss,
-           Col.LR: float(m["lr"]), Col.GRAD_NORM: float(m["grad_norm"]), Col.STEP_TIME_S: dt,
-           Col.TOKENS_PER_S: tokens / dt if dt == dt else float("nan")}
-    if eval_loss is not None:
-      row[Col.EVAL_LOSS] = float(eval_loss)
-    noise_columns = self._noise_columns(step, m)
-    row.update(noise_columns)
-    self.loop = self.divergence.update(self.loop, loss)
-    reason = self.divergence.diverged(self.loop, loss)
-    rare = eval_loss is not None or Col.B_NOISE_TOKENS in row or any(
-        k.startswith(Col.GROUP_PREFIX) for k in noise_columns)  # never drop cadenced rows
-    if step % self.cfg.log_every_steps == 0 or rare or reason:
-      self.writer.write(row)
-      self.loop = dataclasses.replace(self.loop, rows=self.loop.rows + 1)
-    if eval_loss is not None and self.is_main:
-      speed = row[Col.TOKENS_PER_S]  # none yet on the first step after a start
-      speed = f"{speed:>8.0f} tokens/s" if math.isfinite(speed) else "       – tokens/s"
-      print(f"{self.label}step {step:>6}  tokens {row[Col.TOKENS]:>11,}  train {loss:.4f}  eval "
-            f"{row[Col.EVAL_LOSS]:.4f}  B_simple "
-            f"{row.get(Col.B_SIMPLE_TOKENS, float('nan')):>9.0f} tokens  {speed}", flush=True)
-    if reason and not self.diverged:
-      self.diverged, self.step_diverged = f"{reason} at step {step}", step
-      return
-    self.loop = self.stop_rule.update(self.loop, step, loss)
-
-  def _noise_columns(self, step: int, m: dict[str, Any]) -> dict[str, float]:
-    if "b_simple" not in m:
-      return {}
-    seq = self.cfg.seq_len
-    cols = {k: float(m[k]) for k in (Col.G_SMALL_SQ, Col.G_BIG_SQ, Col.GSQ, Col.TRACE)}
-    cols[Col.B_SIMPLE_TOKENS] = float(m["b_simple"])
-    cols[Col.B_SIMPLE_SEQS] = float(m["b_simple"]) / seq
-    group_every = self.cfg.noise.group_every
-    if group_every and step % group_every == 0:
-      for key, value in m.items():
-        if key.startswith(Col.GROUP_PREFIX) and key.endswith("/b_simple"):
-          cols[key + "_tokens"] = float(value)
-    if "b_noise" in m:  # Hessian-weighted, on its cadence; NaN (null) when GᵀHG ≤ 0
-      cols.update({k: float(m[k]) for k in (Col.Q_SMALL, Col.Q_BIG, Col.GHG, Col.TRHS,
-                                            Col.B_NOISE_UNDEFINED)})
-      cols[Col.B_NOISE_TOKENS] = float(m["b_noise"])
-      cols[Col.B_NOISE_SEQS] = float(m["b_noise"]) / seq
-    return cols
-
-
-def _share_data(runs: list[Run]) -> bool:
-  """Gives runs one data iterator when their streams are the same (True) — same data config
-  and seed, at the same position (a learning-rate sweep) — so the pack reads it once.
-
-  Each run still checkpoints the shared iterator's state, the one its own would have.
-  """
-  first = runs[0]
-  data = first.cfg.data.to_dict()  # dicts: a locked ConfigDict never equals an unlocked one
-  same = all(r.cfg.seed == first.cfg.seed and r.cfg.data.to_dict() == data and
-             r.data_iter.get_state() == first.data_iter.get_state() for r in runs[1:])
-  if same:
-    for r in runs[1:]:
-      r.data_iter = first.data_iter
-  return same
-
-
 @dataclasses.dataclass
 class _Pending:
   """A dispatched step whose metrics are not fetched yet: which runs, and their outputs."""
@@ -417,7 +260,7 @@ class Trainer:
   stacked states, each at its own peak learning rate.
   """
 
-  def __init__(self, runs: list[Run]):
+  def __init__(self, runs: list[run_lib.Run]):
     self.runs = runs
     self.packed = len(runs) > 1
     cfg, plan = runs[0].cfg, runs[0].plan
@@ -484,7 +327,7 @@ class Trainer:
                       "set microbatch_size below batch_size to measure it. Training on.")
     state = self._stack(states) if self.packed else states[0]
     del states
-    self.shared_data = self.packed and _share_data(runs)
+    self.shared_data = self.packed and run_lib.share_data(runs)
     if self.shared_data and runs[0].is_main:
       print(f"{len(runs)} packed runs read one data stream (same seed and position)", flush=True)
     live = list(range(len(runs)))
