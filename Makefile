@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SWEEP_DIR ?= runs/scan
+COMPARE_DIR ?= runs/compare
+NQM_DIR ?= runs/nqm
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -11,7 +13,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install test scan demo demo-multiprocess benchmark
+.PHONY: install test scan compare nqm demo demo-multiprocess benchmark
 install: $(VENV)/.installed
 
 test: install
@@ -19,6 +21,23 @@ test: install
 
 scan: install
 	$(PY) -m launch.local --config=experiments/configs/scan.py --workdir=$(SWEEP_DIR) --parallel=2
+
+# Every estimate of the critical batch size for one model: the scan (B_crit, B_simple,
+# B_noise), then branches from the reference run's checkpoints, then one analysis of both.
+compare: install
+	$(PY) -m launch.local --config=experiments/configs/compare.py --workdir=$(COMPARE_DIR)/scan \
+	  --parallel=2 --analysis=false
+	$(PY) -m launch.local --config=experiments/configs/compare_branches.py \
+	  --workdir=$(COMPARE_DIR)/branches --parallel=2 --pack=3 --analysis=false
+	$(PY) -m bscan.analysis --workdir=$(COMPARE_DIR)/scan,$(COMPARE_DIR)/branches \
+	  --out=$(COMPARE_DIR)/analysis
+
+# The noisy quadratic model through the real sweep, launcher and analysis, against its
+# closed-form scan B_crit.
+nqm: install
+	$(PY) -m launch.local --config=experiments/configs/nqm.py --workdir=$(NQM_DIR) --parallel=2 \
+	  --pack=6 --analysis=false
+	$(PY) -m experiments.nqm_check --workdir=$(NQM_DIR)
 
 demo: install
 	$(PY) -m experiments.train --config=experiments/configs/demo.py --workdir=runs/demo-run

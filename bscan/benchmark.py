@@ -124,7 +124,7 @@ def build_step(mcfg: model_lib.ModelConfig, lay: config_lib.Layout, seq_len: int
   groups = noise_scale.param_groups(jax.eval_shape(init_params, jax.random.key(0)))
   lr = optax.constant_schedule(1e-3)
   ocfg = ml_collections.ConfigDict({"optim": dict(
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0)})
+      name="adamw", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0)})
   tx = optim.optimizer(ocfg, lr)
   sc = step_lib.StepConfig(num_microbatches=lay.num_microbatches, microbatch=lay.microbatch,
                            seq_len=seq_len, num_devices=lay.num_devices, noise=noise)

@@ -64,6 +64,22 @@ class Checkpointer:
       return step, out.state, loop
     return None
 
+  def restore_step(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
+    """The state saved at `step`, its iterator state set on `data_iter` (another run's
+    checkpoint: nothing is set aside); ConfigError when there is none."""
+    steps = sorted(self._manager.all_steps())
+    if step not in steps:
+      raise ConfigError(f"{self._directory} has no checkpoint at step {step}; it has "
+                        f"{steps or 'none'} (keep the steps you branch from: checkpoint.keep)")
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      restore_data_state(data_iter, out.data)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise ConfigError(f"the checkpoint at step {step} in {self._directory} cannot be "
+                        f"restored here ({type(e).__name__}: {e})") from e
+    return out.state
+
   def _set_aside(self, step: int, error: Exception) -> None:
     """Moves a damaged checkpoint out of the manager's sight (process 0), with a warning."""
     src = self._directory / str(step)

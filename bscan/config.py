@@ -6,14 +6,15 @@ from typing import Any
 
 import ml_collections
 
+from bscan import branching
 from bscan import data as data_lib
-from bscan import model as model_lib
+from bscan import lr_scaling
+from bscan import tasks
 from bscan import workdir as workdir_lib
 from bscan.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine", "linear")
 LR_RULES = ("fixed", "kaplan")
-BATCH_SCALINGS = ("none", "sqrt", "linear")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -46,14 +47,6 @@ def check_arg_keys(args: dict[str, Any], allowed: tuple[str, ...], where: str) -
     raise ConfigError(f"{where}: unknown arg key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
-def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
-  """The ModelConfig of a run: a ladder size, its context, dtype and the tokenizer's vocab."""
-  n_layer, d_model, n_heads = model_lib.SIZES[cfg.model.size]
-  return model_lib.ModelConfig(
-      n_layer=n_layer, d_model=d_model, n_heads=n_heads, vocab_size=vocab_size,
-      max_len=cfg.model.max_len, dtype=cfg.model.dtype)
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How the global batch splits: over devices, then into K microbatches per device."""
@@ -82,24 +75,20 @@ def layout(cfg: ml_collections.ConfigDict, num_devices: int) -> Layout:
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
   """The one check of a config before anything is built: ConfigError naming field and fix."""
-  _validate_model_and_layout(cfg, num_devices)
-  data_lib.validate_data_config(cfg)
+  tasks.get(cfg).validate()
+  if branching.is_branch(cfg):
+    branching.validate(cfg)
+  _validate_layout(cfg, num_devices)
   if data_lib.num_shards(cfg) % num_processes:
     raise ConfigError(data_lib.shard_error(cfg, num_processes))
 
 
-def _validate_model_and_layout(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-  if cfg.model.size not in model_lib.SIZES:
-    raise ConfigError(f"model.size={cfg.model.size!r} is unknown; choose one of "
-                      f"{sorted(model_lib.SIZES)}")
+def _validate_layout(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   if cfg.model.dtype not in DTYPES:
     raise ConfigError(f"model.dtype={cfg.model.dtype!r}; choose one of {DTYPES}")
-  for field in ("seq_len", "batch_size", "model.max_len"):
+  for field in ("seq_len", "batch_size"):
     if _get(cfg, field) <= 0:
       raise ConfigError(f"{field}={_get(cfg, field)} must be positive")
-  if cfg.seq_len > cfg.model.max_len:
-    raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's context "
-                      f"model.max_len={cfg.model.max_len}; lower seq_len or raise model.max_len")
   if cfg.batch_size % num_devices:
     raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {num_devices} "
                       f"devices; use a multiple of {num_devices}")
@@ -146,12 +135,12 @@ def _validate_optim(optim: ml_collections.ConfigDict) -> None:
   if optim.lr <= 0:
     raise ConfigError(f"optim.lr={optim.lr} must be positive")
   choices = {"optim.schedule": (optim.schedule, SCHEDULES),
-             "optim.lr_rule": (optim.lr_rule, LR_RULES),
-             "optim.batch_scaling": (optim.batch_scaling, BATCH_SCALINGS)}
+             "optim.lr_rule": (optim.lr_rule, LR_RULES)}
   for field, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f"{field}={value!r} is unknown; choose one of {allowed}")
-  if optim.batch_scaling != "none" and optim.reference_batch <= 0:
+  rule = lr_scaling.resolve(optim.name, optim.batch_scaling, optim.declare_scaling)
+  if rule != "none" and optim.reference_batch <= 0:
     raise ConfigError("optim.reference_batch must be positive when batch_scaling is on")
   if optim.clip_norm < 0 or optim.weight_decay < 0 or optim.warmup_tokens < 0:
     raise ConfigError("optim.clip_norm, optim.weight_decay, optim.warmup_tokens must be ≥ 0")
@@ -219,27 +208,27 @@ def peak_learning_rate(cfg: ml_collections.ConfigDict, n_params: int) -> float:
   """optim.lr, or the model-size rule, times the declared batch-size scaling."""
   lr = kaplan_lr(n_params) * cfg.optim.lr_scale if cfg.optim.lr_rule == "kaplan" else cfg.optim.lr
   ratio = cfg.batch_size / cfg.optim.reference_batch if cfg.optim.reference_batch else 1.0
-  exponent = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.optim.batch_scaling]
-  return lr * ratio**exponent
+  o = cfg.optim
+  return lr_scaling.scaled(lr, ratio, lr_scaling.resolve(o.name, o.batch_scaling,
+                                                        o.declare_scaling))
 
 
-def plan(cfg: ml_collections.ConfigDict, arg: str, vocab_size: int, num_devices: int,
+def plan(cfg: ml_collections.ConfigDict, arg: str, shape: tasks.Shape, num_devices: int,
          num_processes: int = 1, backend: str = "", device_kind: str = "") -> workdir_lib.RunPlan:
-  """Everything derived from a (validated) config, computed once: the run's typed plan."""
-  mcfg = model_config(cfg, vocab_size)
+  """Everything derived from a (validated) config and the task's shape: the run's typed plan."""
   lay = layout(cfg, num_devices)
   steps = max_steps(cfg)
   return workdir_lib.RunPlan(
-      arg=arg, size=cfg.model.size, n_params=model_lib.non_embedding_params(mcfg),
-      n_params_embedding=model_lib.embedding_params(mcfg), n_layer=mcfg.n_layer,
-      d_model=mcfg.d_model, seq_len=cfg.seq_len, batch_sequences=cfg.batch_size,
+      arg=arg, size=cfg.model.size, n_params=shape.n_params,
+      n_params_embedding=shape.n_params_embedding, n_layer=shape.n_layer,
+      d_model=shape.d_model, seq_len=cfg.seq_len, batch_sequences=cfg.batch_size,
       batch_tokens=batch_tokens(cfg),
-      learning_rate=peak_learning_rate(cfg, model_lib.non_embedding_params(mcfg)),
+      learning_rate=peak_learning_rate(cfg, shape.n_params),
       seed=cfg.seed, num_devices=num_devices, per_device_sequences=lay.per_device,
       num_microbatches=lay.num_microbatches, microbatch_sequences=lay.microbatch,
       microbatch_tokens=lay.microbatch * cfg.seq_len, warmup_steps=warmup_steps(cfg),
       max_steps=steps, max_tokens=steps * batch_tokens(cfg),
-      target_loss=cfg.budget.target_loss or None, vocab_size=vocab_size,
-      dataset=cfg.data.tfds_name or cfg.data.name, tokenizer=cfg.tokenizer.name,
-      corpus_fingerprint=data_lib.corpus_fingerprint(cfg), num_processes=num_processes,
+      target_loss=cfg.budget.target_loss or None, vocab_size=shape.vocab_size,
+      dataset=shape.dataset, tokenizer=shape.tokenizer,
+      corpus_fingerprint=shape.corpus_fingerprint, num_processes=num_processes,
       data_shards=data_lib.num_shards(cfg), backend=backend, device_kind=device_kind)

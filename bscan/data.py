@@ -185,7 +185,7 @@ def _packed_tokens(packed: dict) -> np.ndarray:
   return packed["tokens"]  # drops the *_segment_ids/*_positions packing adds
 
 
-def _derived_seed(*entropy: int) -> int:
+def derived_seed(*entropy: int) -> int:
   """Well-separated seeds: grain adds the epoch (window) index to its seed, so seed s in
   epoch 1 would otherwise be seed s+1 in epoch 0."""
   return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0] >> 1)
@@ -247,7 +247,7 @@ def _shard_dataset(cfg: ml_collections.ConfigDict, tokenizer: tokenizers.Tokeniz
   """Shard `shard` of `shards`: its documents, packed and batched to B/shards rows."""
   ds = grain.MapDataset.source(source)[shard::shards]
   # shuffle-then-repeat: repeat() reseeds the shuffle, so every epoch has a new order.
-  ds = ds.shuffle(seed=_derived_seed(cfg.seed, 0, shard)).repeat().map(
+  ds = ds.shuffle(seed=derived_seed(cfg.seed, 0, shard)).repeat().map(
       _Tokenize(tokenizer, _text_key(cfg)))
   # Read in the calling thread: reader threads measured no faster here (the GIL), and
   # slower on short documents. Parallelism comes from worker_count (grain processes).
@@ -256,7 +256,7 @@ def _shard_dataset(cfg: ml_collections.ConfigDict, tokenizer: tokenizers.Tokeniz
       it, length_struct={"tokens": cfg.seq_len + 1})
   it = it.map(_packed_tokens)
   it = grain.experimental.WindowShuffleIterDataset(
-      it, window_size=window, seed=_derived_seed(cfg.seed, 1, shard))
+      it, window_size=window, seed=derived_seed(cfg.seed, 1, shard))
   return it.batch(cfg.batch_size // shards, drop_remainder=True)
 
 

@@ -203,20 +203,27 @@ def _group_order(group: str) -> tuple[int, int, str]:
   return (1, int(m.group(1)), m.group(2)) if m else (3, 0, group)
 
 
-def group_sq_norms(tree: PyTree) -> dict[str, jax.Array]:
-  """Sum of squared entries per layer group (float32), in model order."""
+GroupOf = Callable[[Sequence[Any]], str]  # parameter path -> its group's name
+
+
+def group_sq_norms(tree: PyTree, group_of: GroupOf = layer_group) -> dict[str, jax.Array]:
+  """Sum of squared entries per parameter group (float32), in model order.
+
+  `group_of` is the model's own grouping (the transformer's layers by default): a model
+  plugged into the trainer supplies its groups with its loss.
+  """
   sums: dict[str, jax.Array] = {}
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    g = layer_group(path)
+    g = group_of(path)
     sq = jnp.sum(jnp.square(jnp.asarray(x).astype(_F32)))
     sums[g] = sums[g] + sq if g in sums else sq
   return {g: sums[g] for g in sorted(sums, key=_group_order)}
 
 
-def param_groups(tree: PyTree) -> tuple[str, ...]:
+def param_groups(tree: PyTree, group_of: GroupOf = layer_group) -> tuple[str, ...]:
   """Group names of a parameter tree in model order (the `groups` argument of `init`)."""
   paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  return tuple(sorted({layer_group(p) for p in paths}, key=_group_order))
+  return tuple(sorted({group_of(p) for p in paths}, key=_group_order))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""AdamW with warmup then constant (scan default), cosine or linear decay; gradient clipping."""
+"""AdamW or SGD with warmup then constant (scan default), cosine or linear decay; clipping."""
 
 import jax
 import ml_collections
@@ -31,8 +31,12 @@ def _decay_mask(params):
 
 
 def optimizer(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
-  """Clip by global norm (if set), then AdamW."""
+  """Clip by global norm (if set), then AdamW or SGD (decoupled weight decay for SGD too)."""
   o = cfg.optim
-  adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                      mask=_decay_mask)
-  return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+  if o.name == "sgd":
+    parts = [optax.add_decayed_weights(o.weight_decay, _decay_mask)] if o.weight_decay else []
+    base = optax.chain(*parts, optax.sgd(lr, momentum=o.momentum or None))
+  else:
+    base = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                       mask=_decay_mask)
+  return optax.chain(optax.clip_by_global_norm(o.clip_norm), base) if o.clip_norm else base

@@ -11,8 +11,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from bscan import branching
 from bscan import checkpoint as checkpoint_lib
-from bscan import data as data_lib
+from bscan import tasks
 from bscan import stopping
 from bscan import workdir as workdir_lib
 from bscan.workdir import Col
@@ -22,11 +23,10 @@ class Run:
   """One run's files and loop state: data order, metric rows, checkpoints, stop rules."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: epath.Path,
-               plan: workdir_lib.RunPlan):
+               plan: workdir_lib.RunPlan, task: tasks.Task):
     self.cfg, self.workdir, self.plan = cfg, workdir, plan
     self.is_main = jax.process_index() == 0
-    self.data_iter = data_lib.make_train_iterator(
-        cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    self.data_iter = task.train_iterator(jax.process_index(), jax.process_count())
     self.writer = workdir_lib.MetricsWriter(workdir, enabled=self.is_main)
     self.ckpt = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
     b = cfg.budget
@@ -53,7 +53,14 @@ class Run:
                                    lambda loop: stopping.LoopState(**loop))
     if restored is None:
       self.writer.resume(0, None)  # rows of an attempt that ended before any checkpoint
-      return None
+      if not branching.is_branch(self.cfg):
+        return None
+      state = branching.restore(self.cfg, self.workdir, self.plan.data_shards, abstract_state,
+                                self.data_iter, self.plan.batch_tokens)
+      if self.is_main:
+        print(f"{self.label}branched from {self.cfg.branch.from_workdir} at step "
+              f"{self.cfg.branch.from_step} (replicate {self.cfg.branch.replicate})", flush=True)
+      return state
     self.step, state, self.loop = restored
     # Checkpoints written before rows were counted hold rows=0: nothing to check against.
     self.writer.resume(self.step, self.loop.rows or None)

@@ -28,7 +28,7 @@ AXES = ("size", "batch", "lr", "seed")
 _WORKDIR_PREFIX = {"size": "", "batch": "b", "lr": "lr", "seed": "s"}
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _UNSAFE_RE = re.compile(r"[^A-Za-z0-9._-]")
-SWEEP_JSON = "sweep.json"
+SWEEP_JSON = workdir_lib.SWEEP_MARKER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Sweep:
   """The points of a scan (dicts of scan values) and the target losses it is for."""
 
   points: Sequence[Mapping[str, Value]]  # stored as a tuple of dicts
-  targets: Sequence[float]  # stored as a tuple
+  # Stored as a tuple; none for sweeps that reach no target (branches: a fixed Δ each).
+  targets: Sequence[float] = ()
 
   def __post_init__(self):
     # Config files pass lists; store tuples so a sweep cannot change after validation.
@@ -44,8 +45,6 @@ class Sweep:
     object.__setattr__(self, "targets", tuple(float(t) for t in self.targets))
     if not self.points:
       raise ValueError("sweep has no points")
-    if not self.targets:
-      raise ValueError("sweep has no target losses")
     bad = [t for t in self.targets if not (math.isfinite(t) and t > 0)]
     if bad:
       raise ValueError(f"target losses must be positive and finite, got {bad}")

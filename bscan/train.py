@@ -16,13 +16,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from bscan import branching
 from bscan import checkpoint as checkpoint_lib
 from bscan import config as config_lib
 from bscan import data as data_lib
-from bscan import model as model_lib
 from bscan import noise_scale
 from bscan import optim
 from bscan import run as run_lib
+from bscan import tasks
 from bscan import train_step as step_lib
 from bscan import workdir as workdir_lib
 from bscan.errors import ConfigError
@@ -135,7 +136,7 @@ class RunSpec:
 
 # Fields that may differ between runs packed into one step: the rest fixes the step's shapes
 # and math (model, batch, layout, data, schedule shape).
-PACKABLE_FIELDS = ("seed", "optim.lr")
+PACKABLE_FIELDS = ("seed", "optim.lr", "branch.replicate")
 PACKABLE_PREFIXES = ("budget.", "checkpoint.")
 
 
@@ -177,6 +178,8 @@ def run_packed(specs: list[RunSpec], allow_config_change: bool = False) -> list[
     workdir_lib.check_usable(spec.workdir)
     check_shared_workdir(spec.workdir)
     check_workdir(spec.workdir, spec.cfg, allow_config_change)
+    if branching.is_branch(spec.cfg):
+      branching.check_reference(spec.cfg, spec.workdir, data_lib.num_shards(spec.cfg))
   check_packable(specs)
   statuses = [_previous_final_status(s.workdir) for s in specs]
   todo = [s for s, status in zip(specs, statuses) if status is None]
@@ -184,13 +187,14 @@ def run_packed(specs: list[RunSpec], allow_config_change: bool = False) -> list[
     return statuses
 
   is_main = jax.process_index() == 0
+  task = tasks.get(todo[0].cfg)
   if jax.process_count() > 1:  # hosts may share a data dir: one builds, then all read
     if is_main:
-      data_lib.prepare(todo[0].cfg)
+      task.prepare()
     multihost_utils.sync_global_devices("bscan_data_prepared")
-  tokenizer = data_lib.get_tokenizer(todo[0].cfg)
+  shape = task.shape()
   device = jax.devices()[0]
-  plans = [config_lib.plan(s.cfg, s.arg, tokenizer.vocab_size, num_devices, jax.process_count(),
+  plans = [config_lib.plan(s.cfg, s.arg, shape, num_devices, jax.process_count(),
                            jax.default_backend(), device.device_kind) for s in todo]
   if is_main:
     p = plans[0]
@@ -202,8 +206,9 @@ def run_packed(specs: list[RunSpec], allow_config_change: bool = False) -> list[
       workdir_lib.write_config(spec.workdir, json.loads(spec.cfg.to_json()), spec.arg, plan)
   runs: list[run_lib.Run] = []
   try:
-    runs = [run_lib.Run(s.cfg, s.workdir, plan) for s, plan in zip(todo, plans)]
-    trainer = Trainer(runs)
+    runs = [run_lib.Run(s.cfg, s.workdir, plan, tasks.get(s.cfg))
+            for s, plan in zip(todo, plans)]
+    trainer = Trainer(runs, task.model(shape), task.eval_batches())
     ended = iter(trainer.train())
   except Exception as e:  # Recorded for the launcher and the analysis, then re-raised.
     for r in runs:
@@ -260,7 +265,7 @@ class Trainer:
   stacked states, each at its own peak learning rate.
   """
 
-  def __init__(self, runs: list[run_lib.Run]):
+  def __init__(self, runs: list[run_lib.Run], model: tasks.Model, eval_batches: np.ndarray):
     self.runs = runs
     self.packed = len(runs) > 1
     cfg, plan = runs[0].cfg, runs[0].plan
@@ -269,9 +274,8 @@ class Trainer:
     self.sc = step_lib.StepConfig(
         num_microbatches=plan.num_microbatches, microbatch=plan.microbatch_sequences,
         seq_len=plan.seq_len, num_devices=plan.num_devices, noise=cfg.noise.enabled,
-        ema_decay=cfg.noise.ema_decay)
-    model = model_lib.Transformer(config_lib.model_config(cfg, plan.vocab_size))
-    self.loss_fn = lambda params, batch: model_lib.loss_fn(model, params, batch)
+        ema_decay=cfg.noise.ema_decay, group_of=model.group_of)
+    self.loss_fn = model.loss_fn
     optimizer_at = lambda peak: _optimizer_at(cfg, peak)
     if self.packed:
       self.train_step = step_lib.make_packed_train_step(self.loss_fn, optimizer_at, self.sc,
@@ -283,18 +287,15 @@ class Trainer:
       self.train_step = step_lib.make_train_step(self.loss_fn, tx, lr, self.sc, self.mesh)
     self.hessian_fn = None
     if cfg.noise.hessian_every:
-      curvature = "hessian" if cfg.noise.curvature == "hessian" else noise_scale.GaussNewton(
-          lambda p, b: model_lib.logits_fn(model, p, b), model_lib.cross_entropy)
-      self.hessian_fn = step_lib.make_hessian_fn(self.loss_fn, self.sc, self.mesh, curvature,
-                                                 packed=self.packed)
-    dummy = np.zeros((1, cfg.seq_len), np.int32)
-    init_params = lambda rng: model.init(rng, dummy)["params"]
-    groups = noise_scale.param_groups(jax.eval_shape(init_params, jax.random.key(0)))
+      self.hessian_fn = step_lib.make_hessian_fn(self.loss_fn, self.sc, self.mesh,
+                                                 model.curvature, packed=self.packed)
+    groups = noise_scale.param_groups(jax.eval_shape(model.init_params, jax.random.key(0)),
+                                      model.group_of)
     self._init = lambda run: step_lib.init_state(
-        init_params, optimizer_at(run.plan.learning_rate)[0], jax.random.key(run.cfg.seed),
-        self.mesh, groups)
+        model.init_params, optimizer_at(run.plan.learning_rate)[0],
+        jax.random.key(run.cfg.seed), self.mesh, groups)
     self.batch_sharding = NamedSharding(self.mesh, P(None, "data") if self.packed else P("data"))
-    eval_tokens = data_lib.make_eval_batches(cfg)  # the same on every process and run
+    eval_tokens = eval_batches  # the same on every process and run
     self.eval_tokens = jax.make_array_from_callback(
         eval_tokens.shape, NamedSharding(self.mesh, P("data")), lambda index: eval_tokens[index])
     chunk = math.gcd(len(eval_tokens) // plan.num_devices, plan.microbatch_sequences)

@@ -37,6 +37,7 @@ class StepConfig:
   num_devices: int
   noise: bool = True
   ema_decay: float = 0.95
+  group_of: noise_scale.GroupOf = noise_scale.layer_group  # the model's parameter groups
 
   @property
   def b_small(self) -> int:
@@ -79,7 +80,7 @@ def accumulate(loss_fn: LossFn, params, batch_BxT1: jax.Array, sc: StepConfig,
     g_sum = jax.tree.map(jnp.add, g_sum, g)
     if sc.noise:
       # Squared norms per group (float32); the total is their sum, so groups cost nothing.
-      groups = noise_scale.group_sq_norms(g)
+      groups = noise_scale.group_sq_norms(g, sc.group_of)
       group_sum = jax.tree.map(jnp.add, group_sum, groups)
       sq = sum(groups.values())
     else:
@@ -87,7 +88,8 @@ def accumulate(loss_fn: LossFn, params, batch_BxT1: jax.Array, sc: StepConfig,
     return (g_sum, loss_sum + loss, group_sum), sq
 
   scalars = (jnp.zeros((), jnp.float32),
-             {k: jnp.zeros((), jnp.float32) for k in noise_scale.group_sq_norms(params)}
+             {k: jnp.zeros((), jnp.float32)
+              for k in noise_scale.group_sq_norms(params, sc.group_of)}
              if sc.noise else {})
   if axis is not None:  # zeros_like(params) is varying already; the fresh scalars are not.
     scalars = jax.tree.map(lambda x: lax.pcast(x, axis, to="varying"), scalars)
@@ -135,7 +137,7 @@ def _step_fn(loss_fn: LossFn, sc: StepConfig, mesh: Mesh) -> Callable:
            lr: optax.Schedule):
     grads, loss, g_small_sq, group_small = grads_fn(state.params, batch)
     # |G_big|² of the global mean gradient, before clipping (clipping would bias it).
-    group_big = noise_scale.group_sq_norms(grads)
+    group_big = noise_scale.group_sq_norms(grads, sc.group_of)
     g_big_sq = sum(group_big.values())
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

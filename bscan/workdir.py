@@ -169,6 +169,27 @@ def checkpoint_dir(workdir: PathLike) -> epath.Path:
   return path if is_remote(workdir) else path.resolve()
 
 
+SWEEP_MARKER = "sweep.json"  # a launcher writes it at the root of every sweep dir
+
+
+def sweep_root(workdir: PathLike) -> epath.Path:
+  """The sweep dir holding a run: its nearest parent with sweep.json (else its parent)."""
+  run = _path(workdir)
+  for parent in run.parents:
+    if (parent / SWEEP_MARKER).exists():
+      return parent
+    if parent == parent.parent:
+      break
+  return run.parent
+
+
+def branch_reference(workdir: PathLike, from_workdir: str) -> epath.Path:
+  """A branch run's reference run dir: `from_workdir` absolute (or a URL), else relative to
+  the sweep dir holding the branch (e.g. '../scan/b8' from runs/compare/branches)."""
+  ref = epath.Path(from_workdir)
+  return ref if ref.is_absolute() or "://" in from_workdir else sweep_root(workdir) / ref
+
+
 def tensorboard_dir(workdir: PathLike) -> epath.Path:
   return _path(workdir) / TENSORBOARD
 

@@ -74,7 +74,7 @@ def define_flags() -> None:
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
-PACK_AXES = ("lr", "seed")  # points that differ only in these can share one trainer
+PACK_AXES = ("lr", "seed", "replicate")  # points differing only in these share a trainer
 
 
 @dataclasses.dataclass

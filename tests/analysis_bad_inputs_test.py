@@ -5,6 +5,7 @@ before pandas, scipy or matplotlib are imported, so most rows take well under a 
 """
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,8 @@ from bscan.analysis import synthetic
 SCAN = synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2], batch_sequences=(16, 64, 256),
                       targets=(2.0, 2.2), run_noise=0.0, loss_noise=0.003)
 
-# (id, arguments with {sweep} {file} {empty} {mixed} {out} placeholders, start of the error)
+# (id, arguments with {sweep} {file} {empty} {mixed} {out} {branches} {orphans} {root}
+# placeholders, start of the error)
 BAD = [
     ("targets-not-numbers", ["--workdir={sweep}", "--out={out}", "--targets=abc"],
      "flag --targets=['abc']: must be a comma-separated list of positive losses"),
@@ -51,7 +53,23 @@ BAD = [
     ("out-is-a-file", ["--workdir={sweep}", "--out={file}"], "--out={file} is a file"),
     ("mixed-tokenizers-in-one-size", ["--workdir={mixed}", "--out={out}"],
      "size 3m (n_params 3200000) mixes runs with different tokenizer: bytes, gpt2"),
+    ("epsilon-zero", ["--workdir={sweep}", "--out={out}", "--epsilon=0"],
+     "flag --epsilon=0.0: must be a positive loss difference in nats/token, e.g. 0.01"),
+    ("epsilon-negative", ["--workdir={sweep}", "--out={out}", "--epsilon=-0.01"],
+     "flag --epsilon=-0.01: must be a positive loss difference in nats/token, e.g. 0.01"),
+    ("branch-alpha-above-1", ["--workdir={sweep}", "--out={out}", "--branch_alpha=1.5"],
+     "flag --branch_alpha=1.5: must be a level between 0 and 1 (exclusive), e.g. 0.1"),
+    ("branch-alpha-zero", ["--workdir={sweep}", "--out={out}", "--branch_alpha=0"],
+     "flag --branch_alpha=0.0: must be a level between 0 and 1 (exclusive), e.g. 0.1"),
+    ("branch-without-reference", ["--workdir={sweep},{orphans}", "--out={out}"],
+     "branch run {orphans}/at669/k1/replicate0: its reference {root}/orphans/reference "
+     "(branch.from_workdir='../reference') holds no run (config.json missing); pass the sweep "
+     "that holds the reference together with the branches, or remove the branch runs"),
+    ("only-branch-runs", ["--workdir={branches}", "--out={out}"],
+     "only branch runs found in {branches} (4, config.branch set), no scan run; pass the scan "
+     "sweep too, e.g. --workdir=SCAN_DIR,BRANCH_DIR"),
 ]
+BRANCHING = synthetic.Branching(checkpoint_losses=(2.3,), ks=(1, 2), replicates=2)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +82,12 @@ def paths(tmp_path_factory):
   plan = dataclasses.replace(wd.RunPlan.from_dict(config.derived), tokenizer="gpt2")
   wd.write_config(run, config.config, config.arg, plan)
   (root / "empty").mkdir()
+  branches = synthetic.write_branches(root / "cmp", SCAN, BRANCHING)
+  orphans = synthetic.write_branches(root / "orphans", SCAN, BRANCHING)
+  shutil.rmtree(root / "orphans" / synthetic.REFERENCE)  # the reference run is gone
   return {"sweep": sweep, "file": sweep / "sweep.json", "empty": root / "empty",
-          "mixed": mixed, "out": root / "out"}
+          "mixed": mixed, "out": root / "out", "branches": branches, "orphans": orphans,
+          "root": root}
 
 
 @pytest.mark.parametrize("args,error", [b[1:] for b in BAD], ids=[b[0] for b in BAD])

@@ -1,5 +1,6 @@
 """Tests for bscan.analysis.figures: the two figures' axes, labels and files."""
 
+import dataclasses
 import warnings
 
 import matplotlib
@@ -62,3 +63,22 @@ def test_save_figure_writes_png_and_pdf(result, tmp_path):
 def test_formatting_helpers():
   assert figures.fmt_tokens(65536) == "64k" and figures.fmt_tokens(2**21) == "2M"
   assert figures.fmt_tokens(3000) == "3k" and figures.fmt_count(3_200_000) == "3.2M"
+
+
+def test_flagged_targets_are_hollow(result):
+  critical = result.critical.copy()
+  critical["lack_of_fit"] = critical["target"] == 2.0  # as if S(B) were no hyperbola there
+  flagged = dataclasses.replace(result, critical=critical)
+  fig = figures.plot_critical_batch(flagged)
+  ax = fig.axes[0]
+  hollow = [line for line in ax.lines if line.get_markerfacecolor() == "white"]
+  assert len(hollow) == 2  # one flagged target per size
+  assert all(abs(line.get_xdata()[0] / 2.0 - 1) < 0.01 for line in hollow)  # dodged by size
+  assert figures.HOLLOW_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
+  plt.close(fig)
+  fig = figures.plot_batch_scan(flagged)
+  labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+  assert figures.HOLLOW_LABEL in labels
+  dotted = [line for ax in fig.axes for line in ax.lines if line.get_linestyle() == ":"]
+  assert len(dotted) >= 2  # the flagged target's hyperbola in each panel, drawn dotted
+  plt.close(fig)

@@ -1,13 +1,16 @@
 """End-to-end tests with known ground truth: curves -> steps to target -> S/E fit -> power law."""
 
+import json
 import subprocess
 import sys
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bscan import workdir as wd
+from bscan.analysis import lackoffit
 from bscan.analysis import load
 from bscan.analysis import pipeline
 from bscan.analysis import synthetic
@@ -112,3 +115,119 @@ def test_bad_targets_and_confidence_are_config_errors():
                  {"loss": "test"}):
     with pytest.raises(ConfigError):
       pipeline.analyze(runs, **{"targets": [2.0], **kwargs})
+
+
+# A scan with B_noise, and branches from a batch-16 reference at three checkpoints.
+COMPARE = synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2],
+                         batch_sequences=(8, 16, 32, 64, 128, 256),
+                         targets=(1.8, 1.9, 2.0, 2.1, 2.2), loss_noise=0.005, b_noise_every=3)
+BRANCHING = synthetic.Branching()
+
+
+@pytest.fixture(scope="module")
+def compare_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("compare")
+  scan = synthetic.write_sweep(root / "scan", COMPARE, messy=False)
+  return str(scan), str(synthetic.write_branches(root / "cmp", COMPARE, BRANCHING))
+
+
+def test_scan_and_branches_end_to_end(compare_dirs):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # clean runs: no warning at all
+    both = pipeline.analyze(list(compare_dirs))
+  alone = pipeline.analyze(compare_dirs[0])
+  # branch runs change none of the scan's numbers
+  assert len(both.runs) == len(alone.runs) == len(COMPARE.batch_sequences)
+  for name in ("critical", "lack_of_fit", "noise_at_targets", "best_steps"):
+    pd.testing.assert_frame_equal(getattr(both, name), getattr(alone, name))
+  assert {k: f.as_dict() for k, f in both.power_laws.items()} == {
+      k: f.as_dict() for k, f in alone.power_laws.items()}
+  assert alone.branches is None and alone.summary()["branches"] is None
+  # the branched CBS: one row per checkpoint, each interval holding the synthetic truth
+  cbs = both.branches.cbs
+  assert len(cbs) == len(BRANCHING.checkpoint_losses) and (cbs["n_replicates"] == 4).all()
+  np.testing.assert_allclose(cbs["ref_loss"], BRANCHING.checkpoint_losses, atol=0.005)
+  truth = [synthetic.true_local_cbs(COMPARE, BRANCHING, loss, both.epsilon)
+           for loss in BRANCHING.checkpoint_losses]
+  print("CBS truth", truth, "intervals", cbs[["cbs_lo", "cbs_hi"]].to_numpy().tolist())
+  assert ((cbs["cbs_lo"] <= truth) & (truth <= cbs["cbs_hi"])).all()
+  assert truth == [4096.0, 8192.0, 16384.0]  # an interior k at every checkpoint
+  # noise scales at the targets: B_simple ~ B_crit(L), B_noise ~ 0.5 B_crit(L), all six runs
+  at = both.noise_at_targets
+  b_crit = COMPARE.truth.b_crit(at["target"].to_numpy())
+  np.testing.assert_allclose(at["b_simple"], b_crit, rtol=0.1)
+  np.testing.assert_allclose(at["b_noise"], COMPARE.b_noise_ratio * b_crit, rtol=0.2)
+  assert (at["b_simple_n_runs"] == 6).all() and (at["b_noise_lo"] < at["b_noise"]).all()
+  assert not both.critical["lack_of_fit"].any() and "3m" in both.e_min_law
+
+
+def test_summary_carries_branch_noise_and_lack_of_fit_numbers(compare_dirs):
+  result = pipeline.analyze(list(compare_dirs))
+  summary = result.summary()
+  json.dumps(summary)  # plain Python values (NaN is written as null by the report)
+  first = summary["per_target"][0]
+  crit, at = result.critical.iloc[0], result.noise_at_targets.iloc[0]
+  assert (first["size"], first["target"]) == ("3m", 1.8)
+  assert first["b_crit_ci"] == [crit["b_crit_lo"], crit["b_crit_hi"]]
+  assert first["lack_of_fit_p"] == crit["lack_of_fit_p"] and first["lack_of_fit"] is False
+  assert first["b_simple"] == at["b_simple"] and first["b_noise_n_runs"] == 6
+  assert first["b_noise_range"] == [at["b_noise_lo"], at["b_noise_hi"]]
+  branch = summary["branches"]
+  assert (branch["epsilon"], branch["alpha"], branch["n_branch_runs"]) == (0.01, 0.1, 72)
+  point = branch["checkpoints"][0]
+  row = result.branches.cbs.iloc[0]
+  assert point["ref_loss"] == row["ref_loss"] and point["n_replicates"] == 4
+  assert point["cbs_ci"] == [row["cbs_lo"], row["cbs_hi"]]
+  law = summary["e_min_law"]["3m"]
+  assert law["beta_ci"][0] < law["beta"] < law["beta_ci"][1] and law["n_points"] == 5
+  assert summary["lack_of_fit"]["min_log_sigma"] == 0.04 and summary["lack_of_fit"]["flagged"] == []
+
+
+def test_epsilon_and_alpha_reach_the_branches(compare_dirs):
+  loose = pipeline.analyze(list(compare_dirs), epsilon=0.05, branch_alpha=0.2)
+  cbs = loose.branches.cbs
+  assert (cbs["epsilon"] == 0.05).all() and (cbs["alpha"] == 0.2).all()
+  truth = [synthetic.true_local_cbs(COMPARE, BRANCHING, loss, 0.05)
+           for loss in BRANCHING.checkpoint_losses]
+  assert ((cbs["cbs_lo"] <= truth) & (truth <= cbs["cbs_hi"])).all()
+  assert loose.summary()["branches"]["epsilon"] == 0.05
+
+
+def test_only_branch_runs_is_an_error(compare_dirs):
+  with pytest.raises(ConfigError, match="only branch runs found in .*, no scan run; pass the "
+                     "scan sweep too"):
+    pipeline.analyze(compare_dirs[1])
+
+
+@pytest.mark.parametrize("kwargs", [{"epsilon": 0.0}, {"epsilon": -0.01},
+                                    {"epsilon": float("nan")}, {"branch_alpha": 0.0},
+                                    {"branch_alpha": 1.0}])
+def test_bad_epsilon_and_alpha_are_config_errors(kwargs):
+  runs = synthetic.simulate_runs(synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2]))
+  with pytest.raises(ConfigError, match="epsilon|branch_alpha"):
+    pipeline.analyze(runs, targets=[2.0], **kwargs)
+
+
+def test_a_flagged_target_stays_in_the_table_and_out_of_the_laws(monkeypatch):
+  real = lackoffit.lack_of_fit_table
+
+  def flag_2(*args, **kwargs):  # as if S(B) at L = 2.0 were no hyperbola
+    table = real(*args, **kwargs)
+    table.loc[table["target"] == 2.0, ["flagged", "p_value", "reason"]] = [
+        True, 1e-4, lackoffit.E_FALLS]
+    return table
+
+  runs = synthetic.simulate_runs(RECOVERY)
+  clean = pipeline.analyze(runs, targets=RECOVERY.targets)
+  monkeypatch.setattr(lackoffit, "lack_of_fit_table", flag_2)
+  result = pipeline.analyze(runs, targets=RECOVERY.targets)
+  crit = result.critical
+  assert len(crit) == 12 and crit["lack_of_fit"].tolist() == [t == 2.0 for t in crit["target"]]
+  assert (crit.loc[crit["lack_of_fit"], "lack_of_fit_p"] == 1e-4).all()
+  pd.testing.assert_frame_equal(crit.drop(columns=list(lackoffit.FLAG_COLUMNS)),
+                                clean.critical.drop(columns=list(lackoffit.FLAG_COLUMNS)))
+  assert result.power_laws["pooled"].n_points == clean.power_laws["pooled"].n_points - 2
+  assert result.power_laws["3m"].n_points == 5 and result.e_min_law["3m"].n_points == 5
+  assert result.summary()["lack_of_fit"]["flagged"] == [
+      {"size": s, "target": 2.0, "p_value": 1e-4, "reason": lackoffit.E_FALLS}
+      for s in ("3m", "10m")]

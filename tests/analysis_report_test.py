@@ -1,10 +1,12 @@
 """Tests for bscan.analysis.report and the CLI: figures, critical_batch.csv and summary.json."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from bscan import workdir as wd
 from bscan.analysis import synthetic
@@ -93,9 +95,12 @@ def test_write_report_with_given_targets(tmp_path):
   runs = synthetic.simulate_runs(synthetic.DEMO_SCAN)
   result = pipeline.analyze(runs, targets=[1.8, 2.0, 2.2])
   paths = report.write_report(result, tmp_path)
+  # no branches, no B_noise: the comparison figure shows the first size's B_crit and B_simple
   assert sorted(p.name for p in paths) == sorted([
       "batch_size_scan.png", "batch_size_scan.pdf", "critical_batch_vs_loss.png",
-      "critical_batch_vs_loss.pdf", "critical_batch.csv", "summary.json"])
+      "critical_batch_vs_loss.pdf", "critical_batch_comparison.png",
+      "critical_batch_comparison.pdf", "critical_batch.csv", "lack_of_fit.csv",
+      "noise_at_targets.csv", "e_min_law.csv", "summary.json"])
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["targets"] == [1.8, 2.0, 2.2] and summary["targets_source"] == "given"
 
@@ -108,12 +113,82 @@ def test_cli_fails_cleanly_without_runs(tmp_path):
 def test_csv_columns_are_documented(tmp_path):
   import matplotlib
   matplotlib.use("Agg")
-  from bscan.analysis import fit, pipeline, report
+  from bscan.analysis import fit, lackoffit, pipeline, report
   result = pipeline.analyze(synthetic.simulate_runs(synthetic.DEMO_SCAN), targets=[1.8, 2.0])
   report.write_report(result, tmp_path)
   columns = pd.read_csv(tmp_path / "critical_batch.csv").columns.tolist()
-  assert columns == list(fit.FIT_COLUMNS)
-  documented = report.__doc__.split("critical_batch.csv columns")[1]
-  for column in columns:
-    assert f"{column}:" in documented, column
-  assert "tokens" in documented
+  assert columns == [*fit.FIT_COLUMNS, *lackoffit.FLAG_COLUMNS]
+  _check_documented(tmp_path)
+
+
+def _check_documented(out):
+  """Every column of every CSV in `out` is named in its section of report's docstring."""
+  from bscan.analysis import report
+  csvs = sorted(out.glob("*.csv"))
+  sections = report.__doc__.split(" columns:")
+  for path in csvs:
+    owner = [i for i, part in enumerate(sections[:-1]) if part.endswith(path.name)]
+    assert owner, f"{path.name} has no 'columns:' section in bscan/analysis/report.py"
+    documented = sections[owner[0] + 1].rsplit("\n\n", 1)[0]
+    for column in pd.read_csv(path).columns:
+      assert re.search(rf"\b{column}[:,]", documented), (path.name, column)
+  assert "tokens" in sections[1]
+  return [p.name for p in csvs]
+
+
+COMPARE = synthetic.Scan(sizes=synthetic.DEFAULT_SIZES[1:2], batch_sequences=(8, 16, 32, 64, 128),
+                         targets=(1.8, 1.9, 2.0, 2.1, 2.2), loss_noise=0.005, b_noise_every=3)
+
+
+@pytest.fixture(scope="module")
+def compare_cli(tmp_path_factory):
+  """The CLI on a scan sweep and a branch sweep together, with the default epsilon and alpha."""
+  root = tmp_path_factory.mktemp("compare_cli")
+  scan = synthetic.write_sweep(root / "scan", COMPARE, messy=False)
+  branch_dir = synthetic.write_branches(root / "cmp", COMPARE)
+  proc = _cli(f"--workdir={scan},{branch_dir}", f"--out={root / 'out'}")
+  assert proc.returncode == 0, proc.stderr
+  return proc, root / "out"
+
+
+def test_cli_on_scan_and_branches_writes_every_table_and_the_comparison(compare_cli):
+  from bscan.analysis import branches
+  proc, out = compare_cli
+  for ext, magic in (("png", b"\x89PNG"), ("pdf", b"%PDF")):
+    assert (out / f"critical_batch_comparison.{ext}").read_bytes()[:4] == magic
+  assert _check_documented(out) == [
+      "branch_cbs.csv", "branch_excess.csv", "branch_runs.csv", "critical_batch.csv",
+      "e_min_law.csv", "lack_of_fit.csv", "noise_at_targets.csv"]
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["branches"]["epsilon"] == branches.DEFAULT_EPSILON  # the CLI's defaults
+  assert summary["branches"]["alpha"] == branches.DEFAULT_ALPHA
+  checkpoints = summary["branches"]["checkpoints"]
+  assert len(checkpoints) == 3 and all(c["n_replicates"] == 4 for c in checkpoints)
+  assert pd.read_csv(out / "branch_runs.csv").shape[0] == summary["branches"]["n_branch_runs"]
+  assert [p["target"] for p in summary["per_target"]] == list(COMPARE.targets)
+  assert all(p["b_noise_n_runs"] == 5 and p["b_simple"] > 0 for p in summary["per_target"])
+  assert "3m" in summary["e_min_law"] and "pooled" in summary["e_min_law"]
+
+
+def test_cli_prints_the_numbers_of_summary_json(compare_cli):
+  proc, out = compare_cli
+  summary = json.loads((out / "summary.json").read_text())
+  lines = proc.stdout.splitlines()
+  law = summary["e_min_law"]["3m"]
+  assert f"E_min law, 3m: {law['formula']} (tokens), beta = {law['beta']:.3f}" in proc.stdout
+  head = lines.index("Branched local CBS per checkpoint (epsilon = 0.01 nats, 90% intervals; "
+                     "tokens):")
+  for point, line in zip(summary["branches"]["checkpoints"], lines[head + 2:head + 5]):
+    cells = line.split()
+    assert cells[:2] == ["3m", str(point["checkpoint_step"])]
+    assert cells[3] == f"{point['ref_loss']:.4g}" and cells[7] == "4"  # replicates
+    lo, hi = point["cbs_ci"]
+    assert cells[4:7] == [f"{point['cbs']:.3g}", f"[{lo:.3g},", f"{hi:.3g}]"]
+  table = lines[lines.index(next(x for x in lines if x.startswith("B_crit per model"))):]
+  assert len(table) == 2 + len(COMPARE.targets)  # the B_crit table comes last
+  for target, row in zip(summary["per_target"], table[2:]):
+    assert row.split()[:2] == ["3m", str(target["target"])]
+    assert f"  {target['lack_of_fit_p']:.2g}  " in row
+    for name in ("b_simple", "b_noise"):
+      lo, hi = target[f"{name}_range"]
+      assert f"{target[name]:.2g} [{lo:.2g}, {hi:.2g}]" in row, (name, row)

@@ -73,8 +73,11 @@ def test_kaplan_lr_rule_and_batch_scaling():
   c = _cfg(optim__lr_rule="kaplan", optim__batch_scaling="sqrt", optim__reference_batch=16,
            batch_size=64)
   assert config_lib.peak_learning_rate(c, 10**8) == pytest.approx(2 * 6.6932e-4, rel=1e-4)
-  c = _cfg(optim__batch_scaling="linear", optim__reference_batch=16, batch_size=8)
+  c = _cfg(optim__name="sgd", optim__batch_scaling="linear", optim__reference_batch=16,
+           batch_size=8)
   assert config_lib.peak_learning_rate(c, 10**8) == pytest.approx(0.5e-3)
+  c = _cfg(optim__batch_scaling="auto", optim__reference_batch=16, batch_size=64)
+  assert config_lib.peak_learning_rate(c, 10**8) == pytest.approx(2e-3)  # √4 for adamw
 
 
 def test_layout_auto_microbatches():

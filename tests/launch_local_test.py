@@ -202,3 +202,9 @@ def test_pack_points_groups_points_that_differ_only_in_lr_and_seed():
       [2, 2, 2], [2], [4, 4, 4], [4], [8]]
   assert [p.arg for p in packs[1]] == ["size=tiny,batch=2,lr=0.003,seed=1"]
   assert local.pack_points(expanded, 1) == [[p] for p in expanded]
+  # Branch sweeps: the replicates of one (checkpoint, k) share a trainer.
+  branches = sweep_lib.expand(sweep_lib.Sweep(points=[
+      {"at": a, "k": k, "replicate": r} for a in (200, 400) for k in (1, 2) for r in range(3)]),
+                              "/b")
+  assert [[(p.point["at"], p.point["k"]) for p in pack] for pack in
+          local.pack_points(branches, 3)] == [[(a, k)] * 3 for a in (200, 400) for k in (1, 2)]

@@ -36,7 +36,6 @@ def test_point_workdir_is_deterministic_and_safe():
 
 @pytest.mark.parametrize("points, targets, message", [
     ([], [3.0], "no points"),
-    ([POINT], [], "no target"),
     ([POINT], [3.0, -1.0], "positive"),
     ([POINT, dict(POINT)], [3.0], "duplicate"),
     ([{"size": "3m,x"}], [3.0], "without ','"),
@@ -47,6 +46,11 @@ def test_sweep_validation(points: list, targets: list, message: str):
   """Bad sweeps fail with a message that says what is wrong."""
   with pytest.raises(ValueError, match=message):
     sweep_lib.Sweep(points=points, targets=targets)
+
+
+def test_a_sweep_without_targets_is_a_fixed_budget_sweep():
+  """Branch sweeps train a fixed Δ each: they reach no target, and need none."""
+  assert sweep_lib.Sweep(points=[POINT]).targets == ()
 
 
 def test_load_sweep_fixture_and_errors(tmp_path):

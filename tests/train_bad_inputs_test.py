@@ -13,6 +13,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = "--config=experiments/configs/demo.py"
+BRANCH = "--config=experiments/configs/compare_branches.py"
 
 # (flags after `python -m experiments.train`, a phrase the error line must hold). WORKDIR is a
 # fresh directory; DAMAGED and OTHER hold a damaged config.json and another run's config.
@@ -69,6 +70,14 @@ CASES = [
       "--process_id=1", "--initialization_timeout=1"],
      "process 1 cannot reach the coordinator at 127.0.0.1:1 within 1 s"),
     ([DEMO, "--backend=gpu"], "--backend=gpu: JAX runs on cpu (cpu); install JAX for them"),
+    ([DEMO, "--config.optim.batch_scaling=linear", "--config.optim.reference_batch=16"],
+     "optim.batch_scaling='linear' does not fit optim.name='adamw' (its rule is 'sqrt')"),
+    ([DEMO, "--config.optim.name=lion"], "optim.name='lion' is unknown; choose one of"),
+    ([DEMO, "--config.task=cnn"], "task='cnn' is unknown; choose one of ['lm', 'nqm']"),
+    (["--config=experiments/configs/nqm.py", "--config.nqm.dim=3"],
+     "nqm.dim=3 must be an even number ≥ 2"),
+    ([f"{BRANCH}:k=2"], "holds no run (config.json missing); train the reference run first"),
+    ([f"{BRANCH}:k=2", "--config.budget.train_tokens=0"], "a branch trains a fixed Δ"),
 ]
 
 

@@ -221,3 +221,14 @@ def test_object_store_resume_cuts_chunks_and_continues_numbering(object_store):
   assert [p.name for p in writer._chunks()] == [  # pylint: disable=protected-access
       "00000000.jsonl", "00000001.jsonl", "00000002.jsonl"]
   assert json.loads(writer._chunks()[2].read_text().splitlines()[0])["step"] == 7  # pylint: disable=protected-access
+
+
+def test_a_branch_reference_is_relative_to_the_sweep_dir_holding_the_branch(tmp_path):
+  sweep = tmp_path / "compare" / "branches"
+  run = sweep / "at200" / "k2" / "replicate0"
+  run.mkdir(parents=True)
+  (sweep / workdir_lib.SWEEP_MARKER).write_text("{}")
+  assert workdir_lib.branch_reference(run, "../scan/b8") == sweep / "../scan/b8"
+  assert workdir_lib.branch_reference(run, "/abs/ref") == pathlib.Path("/abs/ref")
+  lone = tmp_path / "lone" / "run"  # no sweep.json above it: relative to its parent
+  assert workdir_lib.branch_reference(lone, "ref") == tmp_path / "lone" / "ref"

@@ -6,6 +6,7 @@ Batches are in tokens and losses in nats/token throughout.
 
   analysis = bscan.analysis.analyze("gs://bucket/sweep")
   bscan.analysis.plot_critical_batch(analysis)
+  bscan.analysis.plot_comparison(bscan.analysis.analyze(["runs/scan", "runs/branches"]))
   bscan.analysis.fit_critical_batch(batch_sizes, steps).b_crit
 """
 
@@ -23,9 +24,12 @@ _EXPORTS = {
     "power_law_table": "powerlaw", "PowerLawFit": "powerlaw", "write_report": "report",
     "best_steps": "targets", "choose_targets": "targets", "pending_targets": "targets",
     "steps_to_target": "targets", "steps_to_targets": "targets",
+    "plot_comparison": "comparison", "load_sweeps": "load", "noise_at_targets": "noise",
+    "lack_of_fit_table": "lackoffit", "EMinLaw": "eminlaw", "fit_e_min_laws": "eminlaw",
+    "analyze_branches": "branches", "BranchAnalysis": "branches", "branch_table": "branchruns",
 }
-_SUBMODULES = ("figures", "fit", "load", "noise", "pipeline", "powerlaw", "report",
-               "synthetic", "targets")
+_SUBMODULES = ("branches", "branchruns", "comparison", "eminlaw", "figures", "fit", "lackoffit",
+               "load", "noise", "pipeline", "powerlaw", "report", "synthetic", "targets")
 
 __all__ = sorted([*_EXPORTS, "synthetic"])
 

@@ -1,9 +1,12 @@
-"""CLI: python -m bscan.analysis --workdir=SWEEP_DIR --out=OUT_DIR [--targets=2.0,1.8,...].
+"""CLI: python -m bscan.analysis --workdir=SWEEP_DIR[,BRANCH_DIR] --out=OUT_DIR [--targets=...].
 
-Prints the files written, the targets still pending on unfinished runs, the pooled power law
-and, last, the B_crit table per model size and target. Exit status: 0 when at least one target
-was fitted; 2 with one `error: …` line for input that cannot work (a flag, a workdir without
-runs, targets no run reaches); 1 when every target is still pending on unfinished runs.
+Scan runs and branch runs (config.branch set) may come in one --workdir list; they are told apart
+by their config. Prints the files written, the pooled power law, the E_min laws, the targets
+flagged for lack of fit, the branched local CBS per checkpoint, the targets still pending on
+unfinished runs and, last, the B_crit table per model size and target (with lack of fit and the
+noise scales there). Exit status: 0 when at least one target was fitted; 2 with one `error: …`
+line for input that cannot work (a flag, a workdir without runs, targets no run reaches, a branch
+without its reference); 1 when every target is still pending on unfinished runs.
 """
 
 from __future__ import annotations
@@ -46,11 +49,19 @@ _LOSS = flags.DEFINE_enum("loss", "train", ["train", "eval"], "Curve to read ste
 _CONFIDENCE = flags.DEFINE_float("confidence", 0.95, "Two-sided level of all intervals.")
 _KAPLAN = flags.DEFINE_bool("kaplan", False, "Draw Kaplan et al.'s published B_crit(L) line "
                             "(nats per GPT-2 token) for reference.")
+_EPSILON = flags.DEFINE_float("epsilon", 0.01, "Branched local CBS: the final-loss excess over "
+                              "the k = 1 branch (nats/token) still counted as no worse.")
+_BRANCH_ALPHA = flags.DEFINE_float("branch_alpha", 0.1, "Branched local CBS: 1 - the coverage "
+                                   "of its intervals.")
 flags.register_validator(
     "targets", lambda v: v is None or all(_loss(t) is not None for t in v if t),
     "must be a comma-separated list of positive losses in nats/token, e.g. --targets=2.4,2.2")
 flags.register_validator("confidence", lambda v: 0 < v < 1,
                          "must be a level between 0 and 1 (exclusive), e.g. 0.95")
+flags.register_validator("epsilon", lambda v: math.isfinite(v) and v > 0,
+                         "must be a positive loss difference in nats/token, e.g. 0.01")
+flags.register_validator("branch_alpha", lambda v: 0 < v < 1,
+                         "must be a level between 0 and 1 (exclusive), e.g. 0.1")
 flags.register_validator("out", lambda v: v is None or bool(v.strip()),
                          "must name an output directory")
 
@@ -116,8 +127,11 @@ def main(argv: Sequence[str]) -> None:
   from bscan.analysis import pipeline, report  # pylint: disable=g-import-not-at-top
   targets = [float(t) for t in _TARGETS.value if t] if _TARGETS.value else None
   analysis = pipeline.analyze(_WORKDIR.value, targets=targets or None, loss=_LOSS.value,
-                              confidence=_CONFIDENCE.value)
-  lines = report.pending_lines(analysis)
+                              confidence=_CONFIDENCE.value, epsilon=_EPSILON.value,
+                              branch_alpha=_BRANCH_ALPHA.value)
+  lines = [*report.lack_of_fit_lines(analysis), report.branch_cbs_table(analysis),
+           *report.pending_lines(analysis)]
+  lines = [line for line in lines if line]
   if analysis.critical.empty:
     print("\n".join([*lines, report.b_crit_table(analysis)]), flush=True)
     _nothing_fitted(analysis)
@@ -132,7 +146,8 @@ def main(argv: Sequence[str]) -> None:
   if pooled is not None:
     print(f"pooled: B_crit = {pooled.kaplan_form()}, alpha_B = {pooled.alpha_b:.3f} "
           f"[{pooled.alpha_b_ci[0]:.3f}, {pooled.alpha_b_ci[1]:.3f}]")
-  print("\n".join([*lines, report.b_crit_table(analysis)]), flush=True)
+  print("\n".join([*report.e_min_law_lines(analysis), *lines, report.b_crit_table(analysis)]),
+        flush=True)
 
 
 if __name__ == "__main__":

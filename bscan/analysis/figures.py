@@ -60,7 +60,7 @@ def _sizes(analysis: pipeline.Analysis) -> list[str]:
   return list(dict.fromkeys(analysis.runs.sort_values("n_params")["size"]))
 
 
-def _nice_loss_ticks(lo: float, hi: float) -> np.ndarray:
+def nice_loss_ticks(lo: float, hi: float) -> np.ndarray:
   """4-8 round tick values in [lo, hi] for a log-scaled loss axis."""
   for step in (0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.0):
     ticks = np.arange(np.ceil(lo / step) * step, hi + 1e-9, step)
@@ -109,7 +109,7 @@ def plot_batch_scan(analysis: pipeline.Analysis, sizes: Sequence[str] | None = N
   with plt.rc_context(STYLE):
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols + 1.0, 3.9 * nrows),
                              squeeze=False, constrained_layout=True)
-    any_eval = False
+    any_eval = any_flagged = False
     for ax, size in zip(axes.flat, sizes):
       reps = _representative_runs(analysis, size)
       lines = []  # (last step, batch tokens, last tokens) per drawn run
@@ -145,16 +145,21 @@ def plot_batch_scan(analysis: pipeline.Analysis, sizes: Sequence[str] | None = N
       for target in targets:
         row = crit[np.isclose(crit["target"], target)]
         hit = best[np.isclose(best["target"], target)]
+        bad = bool(flagged(row).any())  # flagged, not fitted through: hollow points, dotted
+        any_flagged |= bad
         if len(hit):
-          ax.scatter(hit["steps"], hit["tokens"], s=22, color=cmap(norm(target)),
-                     edgecolor="black", linewidth=0.6, zorder=4)
+          ax.scatter(hit["steps"], hit["tokens"], s=22, zorder=4,
+                     color="white" if bad else cmap(norm(target)),
+                     edgecolor=cmap(norm(target)) if bad else "black",
+                     linewidth=1.2 if bad else 0.6)
         if row.empty:
           continue
         s_min, e_min = float(row["s_min"].iloc[0]), float(row["e_min"].iloc[0])
         b = np.geomspace(batches.min() / 3, batches.max() * 3, 300)
         s_fit, e_fit = s_min + e_min / b, s_min * b + e_min
         inside = (s_fit > x_lo) & (s_fit < x_hi / 1.3) & (e_fit > y_lo) & (e_fit < y_hi)
-        ax.plot(s_fit[inside], e_fit[inside], color="black", lw=1.0, ls="--", zorder=3)
+        ax.plot(s_fit[inside], e_fit[inside], color="0.55" if bad else "black", lw=1.0,
+                ls=":" if bad else "--", zorder=3)
         if inside.any():  # label the low-batch end (largest S still inside the axes)
           k = np.nonzero(inside)[0][0]
           ax.annotate(f"L={target:.{decimals}f}", (s_fit[k], e_fit[k]), xytext=(2, -2),
@@ -169,12 +174,47 @@ def plot_batch_scan(analysis: pipeline.Analysis, sizes: Sequence[str] | None = N
                plt.Line2D([], [], marker="o", ls="", mfc="0.6", mec="black",
                           label=f"run first reaches L ({analysis.loss} loss)"),
                plt.Line2D([], [], ls="", label="line labels: batch size (tokens)")]
+    if any_flagged:
+      handles.insert(2, plt.Line2D([], [], marker="o", ls=":", color="0.55", mfc="white",
+                                   label=HOLLOW_LABEL))
     axes.flat[0].legend(handles=handles, loc="lower right", frameon=False)
     cbar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, extend="max",
                         shrink=0.9, pad=0.01)
     cbar.set_label("eval loss (nats/token)" if any_eval else "train loss, smoothed (nats/token)")
     fig.suptitle("Batch size scan: steps and tokens to reach target loss", fontsize=11)
   return fig
+
+
+HOLLOW_LABEL = "hollow: S(B) is no hyperbola here (lack of fit),\n  flagged, left out of the fits"
+
+
+def flagged(rows: pd.DataFrame) -> np.ndarray:
+  """Which S/E fits are flagged for lack of fit (none when the column is absent)."""
+  if "lack_of_fit" not in rows.columns:
+    return np.zeros(len(rows), bool)
+  return rows["lack_of_fit"].fillna(False).to_numpy(bool)
+
+
+def draw_b_crit(ax, rows: pd.DataFrame, x: np.ndarray, color, label: str) -> tuple[bool, bool]:
+  """Scan B_crit with its interval at x; flagged targets hollow; (any open above, any flagged).
+
+  An interval unbounded above (no saturation at the largest batch) gets an arrowhead above.
+  """
+  y = rows["b_crit"].to_numpy(float)
+  lo = np.clip(rows["b_crit_lo"].to_numpy(float), 1e-300, None)
+  hi = rows["b_crit_hi"].to_numpy(float)
+  yerr = np.array([y - np.minimum(lo, y), np.where(np.isfinite(hi), hi - y, 0)])
+  yerr = np.where(np.isfinite(yerr), yerr, 0)
+  bad = flagged(rows)
+  for pick, face, text in ((~bad, color, label), (bad, "white", None)):
+    if pick.any():
+      ax.errorbar(x[pick], y[pick], yerr=yerr[:, pick], fmt="o", ms=5, color=color, mfc=face,
+                  mec="black" if face is color else color, mew=0.5 if face is color else 1.2,
+                  capsize=2.5, lw=1.2, zorder=4, label=text)
+  open_up = ~np.isfinite(hi)
+  if open_up.any():
+    ax.scatter(x[open_up], y[open_up] * 1.6, marker="^", color=color, zorder=4)
+  return bool(open_up.any()), bool(bad.any())
 
 
 def plot_critical_batch(analysis: pipeline.Analysis, kaplan: bool = False,
@@ -201,23 +241,17 @@ def plot_critical_batch(analysis: pipeline.Analysis, kaplan: bool = False,
             ax.scatter(ok[Col.TRAIN_LOSS], ok[col], s=6, marker=marker, color=palette(k),
                        alpha=0.18, linewidths=0.5, zorder=1, rasterized=True)
             y_vals.append(np.quantile(ok[col], [0.02, 0.98]))
-    any_open = False
+    any_open = any_flagged = False
     for k, size in enumerate(sizes):
       rows = finite[finite["size"] == size]
       if rows.empty:
         continue
       x = rows["target"].to_numpy() * (1 + 0.006 * (k - (len(sizes) - 1) / 2))  # dodge
-      y = rows["b_crit"].to_numpy()
-      lo = np.clip(rows["b_crit_lo"].to_numpy(), 1e-300, None)
       hi = rows["b_crit_hi"].to_numpy()
       y_vals.append(hi[np.isfinite(hi)])
-      ax.errorbar(x, y, yerr=[y - np.minimum(lo, y), np.where(np.isfinite(hi), hi - y, 0)],
-                  fmt="o", ms=5, color=palette(k), mec="black", mew=0.5, capsize=2.5, lw=1.2,
-                  zorder=4, label=f"B_crit, {size_label(analysis, size)}")
-      open_up = ~np.isfinite(hi)
-      if open_up.any():  # interval unbounded above: no saturation seen at the largest batch
-        ax.scatter(x[open_up], y[open_up] * 1.6, marker="^", color=palette(k), zorder=4)
-        any_open = True
+      is_open, is_flagged = draw_b_crit(ax, rows, x, palette(k),
+                                        f"B_crit, {size_label(analysis, size)}")
+      any_open, any_flagged = any_open or is_open, any_flagged or is_flagged
     fit = analysis.power_laws.get(powerlaw.POOLED)
     grid = np.geomspace(x_lo, x_hi, 100)
     if fit is not None:
@@ -231,6 +265,8 @@ def plot_critical_batch(analysis: pipeline.Analysis, kaplan: bool = False,
     if any_open:
       ax.scatter([], [], marker="^", color="0.4",
                  label="interval open above: the largest batch\n  shows no saturation")
+    if any_flagged:
+      ax.scatter([], [], marker="o", facecolor="white", edgecolor="0.3", label=HOLLOW_LABEL)
     if show_cloud and len(analysis.cloud):
       ax.scatter([], [], s=12, marker=".", color="0.4",
                  label="noise scale B_simple during training\n  (colour = model size)")
@@ -250,7 +286,7 @@ def plot_critical_batch(analysis: pipeline.Analysis, kaplan: bool = False,
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(x_hi, x_lo)  # inverted: loss decreases to the right, as in Kaplan Fig. 10
-    ticks = _nice_loss_ticks(x_lo, x_hi)
+    ticks = nice_loss_ticks(x_lo, x_hi)
     ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
     ax.xaxis.set_major_formatter(ticker.FixedFormatter([f"{t:g}" for t in ticks]))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())

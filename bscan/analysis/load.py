@@ -28,7 +28,8 @@ PathLike = str | epath.PathLike
 Col = wd.Col
 
 # Curves kept per run; arrays aligned with `step` (eval curves have their own steps).
-CURVE_KEYS = (Col.TOKENS, Col.TRAIN_LOSS, Col.B_SIMPLE_TOKENS, Col.B_NOISE_TOKENS)
+CURVE_KEYS = (Col.TOKENS, Col.TRAIN_LOSS, Col.B_SIMPLE_TOKENS, Col.B_NOISE_TOKENS, Col.TRHS,
+              Col.GHG)
 EVAL_STEP = "eval_step"  # runs-table column: the steps at which eval_loss was logged
 UNKNOWN = "unknown"  # runs-table status of a run without status.json (not a workdir status)
 
@@ -177,8 +178,25 @@ def _read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
   return rows
 
 
+# Runs-table columns of a branch run only (config.branch: bscan.branching), beside its plan.
+BRANCH_COLUMNS = ("branch_from_workdir", "branch_from_step", "branch_replicate")
+
+
+def branch_fields(config: Mapping[str, Any]) -> dict[str, Any] | None:
+  """A branch run's config.branch as BRANCH_COLUMNS; None for a scan run (no from_workdir)."""
+  branch = config.get("branch")
+  if not isinstance(branch, Mapping) or not branch.get("from_workdir"):
+    return None
+  return {"branch_from_workdir": str(branch["from_workdir"]),
+          "branch_from_step": int(branch.get("from_step") or 0),
+          "branch_replicate": int(branch.get("replicate") or 0)}
+
+
 def load_run(workdir: PathLike) -> dict[str, Any] | None:
-  """Loads one workdir as a row; None (with a warning) when config.json is missing or damaged."""
+  """Loads one workdir as a row; None (with a warning) when config.json is missing or damaged.
+
+  A branch run's row also has BRANCH_COLUMNS (from its config.branch).
+  """
   workdir = epath.Path(workdir)
   try:
     config = wd.read_config(workdir)
@@ -191,9 +209,11 @@ def load_run(workdir: PathLike) -> dict[str, Any] | None:
   status = _read_status(workdir)
   curves = curves_from_records(_read_metrics(workdir))
   row = run_row(config.derived, curves, status, workdir=str(workdir), arg=config.arg)
+  row.update(branch_fields(config.config) or {})
   if status and status.status in (wd.DIVERGED, wd.FAILED):
-    _warn(f"{workdir}: run {status.describe()}; targets after that count as never reached"
-          if status.status == wd.DIVERGED else
+    diverged = ("its batch counts as beyond the local critical batch size" if
+                "branch_from_workdir" in row else "targets after that count as never reached")
+    _warn(f"{workdir}: run {status.describe()}; {diverged}" if status.status == wd.DIVERGED else
           f"{workdir}: run {status.describe()}; it resumes when its command runs again")
   return row
 
@@ -211,8 +231,24 @@ def runs_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
   return df.reset_index(drop=True)
 
 
+def load_sweeps(workdirs: PathLike | Sequence[PathLike]) -> tuple[pd.DataFrame, pd.DataFrame]:
+  """(scan runs, branch runs) from sweep directories and/or run workdirs, told apart by config.
+
+  Branch runs (config.branch.from_workdir set) train a fixed Δ from another run's checkpoint:
+  they are no points of a batch-size scan, so they get their own table (with BRANCH_COLUMNS).
+  """
+  rows = _load_rows(workdirs)
+  branch = [r for r in rows if r.get("branch_from_workdir")]
+  return runs_table([r for r in rows if not r.get("branch_from_workdir")]), runs_table(branch)
+
+
 def load_runs(workdirs: PathLike | Sequence[PathLike]) -> pd.DataFrame:
-  """Loads runs from sweep directories and/or run workdirs into the runs table."""
+  """Loads the scan runs (not branch runs) of sweep directories and/or run workdirs."""
+  return load_sweeps(workdirs)[0]
+
+
+def _load_rows(workdirs: PathLike | Sequence[PathLike]) -> list[dict[str, Any]]:
+  """A row per run under the given sweep directories and/or run workdirs."""
   if isinstance(workdirs, (str, os.PathLike)) or not isinstance(workdirs, Sequence):
     workdirs = [workdirs]
   rows = []
@@ -226,7 +262,7 @@ def load_runs(workdirs: PathLike | Sequence[PathLike]) -> pd.DataFrame:
         if d != epath.Path(root):  # name runs by their path in the sweep: '3m/b64/lr1e-3/s0'
           row["name"] = str(d.relative_to(epath.Path(root)))
         rows.append(row)
-  return runs_table(rows)
+  return rows
 
 
 def read_sweep_targets(root: PathLike) -> list[float] | None:

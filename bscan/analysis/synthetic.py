@@ -5,8 +5,13 @@ batch, where L = L_inf(N) + A * S_min^(-a); B_crit(L) = B* * L^(-1/alpha_B) depe
 E_min(L) = B_crit(L) * S_min(L); a run at batch B reaches L after S(B) = S_min + E_min/B steps.
 Each run's curve is that model inverted, with run-to-run multiplicative noise on its time scale
 (seeds), per-step loss noise, a slower learning rate when asked, and a noise-scale column
-B_simple ~ B_crit(L) with log-normal scatter. Used by the tests, the notebook's demo mode and
-to try the analysis without a sweep.
+B_simple ~ B_crit(L) with log-normal scatter (and, when asked, B_noise ~ b_noise_ratio * B_crit(L)
+from noisy terms tr(H Sigma) and G^T H G on a cadence). Used by the tests, the notebook's demo mode
+and to try the analysis without a sweep.
+
+Branches (write_branches): loss is the state, so a branch from a checkpoint at true loss L0,
+trained Δ tokens at batch k*B, follows the batch-k*B curve from where it reaches L0; its final
+loss, and with it the local critical batch size for an ε, is known exactly (true_local_cbs).
 """
 
 from __future__ import annotations
@@ -94,6 +99,9 @@ class Scan:
   noise_scale_scatter: float = 0.3  # s.d. of log B_simple around B_crit(L)
   max_steps: int = 300_000  # the cap for runs that never reach the lowest target
   points_per_efold: int = 60  # logging density after the first 100 steps
+  b_noise_every: int = 0  # B_noise terms on every n-th logged step from step 10 (0: none)
+  b_noise_ratio: float = 0.5  # B_noise / B_crit(L)
+  b_noise_term_noise: float = 0.3  # relative s.d. of one step's tr(H Sigma) and G^T H G
 
 
 def log_steps(last: int, points_per_efold: int) -> np.ndarray:
@@ -121,9 +129,26 @@ def simulate_curves(scan: Scan, size: ModelSize, batch_tokens: int, slowdown: fl
   eval_loss = clean[is_eval] + 0.01 + 0.003 * rng.standard_normal(is_eval.sum())
   b_simple = truth.b_crit(clean) * np.exp(scan.noise_scale_scatter * rng.standard_normal(len(step)))
   b_simple[step < 10] = np.nan  # the EMA ratio is undefined during its first steps
-  return {Col.STEP: step, Col.TOKENS: step * batch_tokens, Col.TRAIN_LOSS: train,
-          load.EVAL_STEP: step[is_eval], Col.EVAL_LOSS: eval_loss, Col.B_SIMPLE_TOKENS: b_simple,
-          Col.B_NOISE_TOKENS: np.full(len(step), np.nan)}
+  curves = {Col.STEP: step, Col.TOKENS: step * batch_tokens, Col.TRAIN_LOSS: train,
+            load.EVAL_STEP: step[is_eval], Col.EVAL_LOSS: eval_loss, Col.B_SIMPLE_TOKENS: b_simple}
+  return {**curves, **_b_noise_terms(scan, step, clean, rng)}
+
+
+def _b_noise_terms(scan: Scan, step: np.ndarray, clean: np.ndarray, rng: np.random.Generator
+                   ) -> dict[str, np.ndarray]:
+  """B_noise and its terms on the cadence (NaN elsewhere); no random draws when it is off."""
+  nan = np.full(len(step), np.nan)
+  if not scan.b_noise_every:
+    return {Col.B_NOISE_TOKENS: nan, Col.TRHS: nan, Col.GHG: nan}
+  on = np.zeros(len(step), bool)
+  on[np.flatnonzero(step >= 10)[::scan.b_noise_every]] = True
+  ghg = 1.0 + scan.b_noise_term_noise * rng.standard_normal(on.sum())  # G^T H G, arbitrary units
+  trhs = scan.b_noise_ratio * scan.truth.b_crit(clean[on]) * (
+      1.0 + scan.b_noise_term_noise * rng.standard_normal(on.sum()))
+  b_noise, terms_h, terms_g = nan.copy(), nan.copy(), nan.copy()
+  terms_h[on], terms_g[on] = trhs, ghg
+  b_noise[on] = np.where(ghg > 0, trhs / ghg, np.nan)  # undefined where G^T H G <= 0
+  return {Col.B_NOISE_TOKENS: b_noise, Col.TRHS: terms_h, Col.GHG: terms_g}
 
 
 def run_plan(scan: Scan, size: ModelSize, batch_sequences: int, lr: float, seed: int
@@ -183,6 +208,9 @@ def metric_rows(curves: dict[str, np.ndarray]) -> list[dict]:
     row = {Col.STEP: int(s), Col.TOKENS: int(curves[Col.TOKENS][i]),
            Col.TRAIN_LOSS: float(curves[Col.TRAIN_LOSS][i]), Col.LR: 1e-3, Col.GRAD_NORM: 1.0,
            Col.B_SIMPLE_TOKENS: float(curves[Col.B_SIMPLE_TOKENS][i])}  # NaN is written as null
+    for key in (Col.B_NOISE_TOKENS, Col.TRHS, Col.GHG):  # on the B_noise cadence only
+      if key in curves and np.isfinite(curves[key][i]):
+        row[key] = float(curves[key][i])
     if s in evals:
       row[Col.EVAL_LOSS] = evals[s]
     out.append(row)
@@ -274,3 +302,100 @@ def write_demo_sweep(root: epath.PathLike | None = None) -> str:
   """Writes a small messy synthetic sweep (two model sizes) and returns its path."""
   root = root or tempfile.mkdtemp(prefix="bscan_demo_sweep_")
   return str(write_sweep(root, DEMO_SCAN, seed=0, messy=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Branching:
+  """Synthetic branches from one reference run: checkpoints, multiples k, replicates and Δ."""
+
+  size: ModelSize = DEFAULT_SIZES[1]
+  batch_sequences: int = 16  # the reference's batch
+  learning_rate: float = 1e-3  # the reference's; a branch's is scaled by sqrt(k)
+  checkpoint_losses: tuple[float, ...] = (2.1, 2.0, 1.9)  # true loss of the reference there
+  ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+  replicates: int = 4
+  delta_tokens: int = 2**22
+  replicate_noise: float = 0.02  # s.d. of a replicate's loss offset, shared by its k (its data)
+  loss_noise: float = 0.001  # s.d. of each branch's own final eval loss
+  rows_per_branch: int = 20  # logged train rows per branch; the last step is also evaluated
+
+
+REFERENCE = "reference"  # the reference run's dir, beside the branch sweep dir
+BRANCHES = "branches"
+
+
+def checkpoint_steps(scan: Scan, branching: Branching) -> list[int]:
+  """The reference's steps at its checkpoint losses (its time scale is 1: no seed scatter)."""
+  batch = branching.batch_sequences * scan.seq_len
+  return [int(round(float(scan.truth.steps(loss, batch, branching.size))))
+          for loss in branching.checkpoint_losses]
+
+
+def branch_curve(truth: Truth, size: ModelSize, from_loss: float, batch_tokens: float,
+                 steps: np.ndarray) -> np.ndarray:
+  """Noise-free loss `steps` steps into a branch at `batch_tokens` from a state at `from_loss`."""
+  start = float(truth.steps(from_loss, batch_tokens, size))  # where that batch's curve is at L0
+  return truth.loss_at(start + np.asarray(steps, float), batch_tokens, size)
+
+
+def branch_excess(scan: Scan, branching: Branching, from_loss: float) -> np.ndarray:
+  """Noise-free final loss of each k's branch minus that of k = 1 (nats), per branching.ks."""
+  batch = branching.batch_sequences * scan.seq_len
+  final = [branch_curve(scan.truth, branching.size, from_loss, k * batch,
+                        [branching.delta_tokens / (k * batch)])[0] for k in branching.ks]
+  return np.asarray(final) - final[0]
+
+
+def true_local_cbs(scan: Scan, branching: Branching, from_loss: float, epsilon: float) -> float:
+  """The largest k*B (tokens) whose noise-free branch ends within `epsilon` of k = 1's."""
+  within = np.flatnonzero(branch_excess(scan, branching, from_loss) <= epsilon)
+  return float(branching.ks[within[-1]] * branching.batch_sequences * scan.seq_len)
+
+
+def write_branches(root: epath.PathLike, scan: Scan = Scan(), branching: Branching = Branching(),
+                   seed: int = 0) -> epath.Path:
+  """Writes ROOT/reference (an ordinary run) and ROOT/branches (a sweep of branch runs from it).
+
+  The reference trains as scan's runs do, with no seed scatter of its time scale, so its true
+  loss at each checkpoint step is a checkpoint loss. Branch (checkpoint, k, replicate) trains
+  Δ tokens at k times its batch; its final eval loss is the noise-free branch's plus the
+  replicate's offset (shared by every k) and its own noise. Returns the branch sweep dir.
+  """
+  root = epath.Path(root)
+  rng = np.random.default_rng(seed)
+  size, b_ref = branching.size, branching.batch_sequences
+  ref_scan = dataclasses.replace(scan, run_noise=0.0)
+  curves = simulate_curves(ref_scan, size, b_ref * scan.seq_len, 1.0, rng)
+  last = int(curves[Col.STEP][-1])
+  write_run(root / REFERENCE, run_plan(scan, size, b_ref, branching.learning_rate, 0),
+            run_config(scan, size, b_ref, 0), metric_rows(curves),
+            wd.Status(wd.DONE, "reached target loss", last, last * b_ref * scan.seq_len))
+  points = []
+  for at, from_loss in zip(checkpoint_steps(scan, branching), branching.checkpoint_losses):
+    offsets = branching.replicate_noise * rng.standard_normal(branching.replicates)
+    for k in branching.ks:
+      batch = k * b_ref
+      n = branching.delta_tokens // (batch * scan.seq_len)
+      step = np.unique(np.linspace(1, n, branching.rows_per_branch).round().astype(np.int64))
+      clean = branch_curve(scan.truth, size, from_loss, batch * scan.seq_len, step)
+      for r, offset in enumerate(offsets):
+        sd = scan.loss_noise * np.sqrt(8192.0 / (batch * scan.seq_len))
+        final = clean[-1] + offset + branching.loss_noise * rng.standard_normal()
+        rows = metric_rows({
+            Col.STEP: step.astype(float), Col.TOKENS: step * batch * scan.seq_len,
+            Col.TRAIN_LOSS: clean + offset + sd * rng.standard_normal(len(step)),
+            Col.B_SIMPLE_TOKENS: np.full(len(step), np.nan),
+            load.EVAL_STEP: step[-1:].astype(float), Col.EVAL_LOSS: np.array([final])})
+        point = {"at": at, "k": k, "replicate": r}
+        plan = dataclasses.replace(
+            run_plan(scan, size, batch, branching.learning_rate * np.sqrt(k), 0),
+            arg=f"at={at},k={k},replicate={r}", max_steps=int(n),
+            max_tokens=int(n * batch * scan.seq_len), target_loss=None)
+        config = {**run_config(scan, size, batch, 0), "branch": {
+            "from_workdir": f"../{REFERENCE}", "from_step": at, "replicate": r}}
+        write_run(root / BRANCHES / sweep_lib.point_relpath(point), plan, config, rows,
+                  wd.Status(wd.DONE, "trained its tokens", int(n), int(n) * batch * scan.seq_len))
+        points.append(point)
+  sweep_lib.write_sweep_json("synthetic_branches", sweep_lib.Sweep(points=points),
+                             str(root / BRANCHES))
+  return root / BRANCHES

@@ -154,6 +154,14 @@ def steps_to_target(step: np.ndarray, loss: np.ndarray, target: float,
   return _first_reach(s, env, target, min_step)
 
 
+def steps_to_losses(step: np.ndarray, loss: np.ndarray, losses: Sequence[float],
+                    window: float = DEFAULT_WINDOW, min_step: float = DEFAULT_MIN_STEP
+                    ) -> np.ndarray:
+  """steps_to_target for several losses of one curve, smoothing it once; NaN where not reached."""
+  s, env = envelope(step, loss, window)
+  return np.array([_first_reach(s, env, float(t), min_step) for t in losses], dtype=float)
+
+
 def _as_float(value) -> float:
   """A settings value (None, NaN, str or number) as a float; NaN when missing or not a number."""
   value = pd.to_numeric(value, errors="coerce")

@@ -8,6 +8,7 @@ from bscan import config as config_lib
 def get_base_config() -> ml_collections.ConfigDict:
   """Defaults for one training run; experiment files override what they scan."""
   c = ml_collections.ConfigDict()
+  c.task = "lm"  # what is trained (bscan.tasks): lm (transformer on text) | nqm
   c.seed = 0
   c.seq_len = 128  # T: tokens per sequence (context)
   c.batch_size = 32  # global batch in sequences
@@ -45,10 +46,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.tokenizer.train_bytes = 20_000_000  # sentencepiece: corpus sample it is trained on
 
   c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"  # adamw | sgd
   c.optim.lr = 1e-3  # peak learning rate (lr_rule=fixed)
   c.optim.lr_rule = "fixed"  # fixed | kaplan (eq. D.1 from the model's N)
   c.optim.lr_scale = 1.0  # multiplies the kaplan rule
-  c.optim.batch_scaling = "none"  # none | sqrt | linear in batch_size / reference_batch
+  # Learning rate against batch_size / reference_batch: none | auto (the optimizer's own rule:
+  # sqrt for adamw, linear for sgd) | sqrt | linear; a rule that does not fit the optimizer is
+  # an error unless declare_scaling=True (bscan.lr_scaling).
+  c.optim.batch_scaling = "none"
+  c.optim.declare_scaling = False
   c.optim.reference_batch = 0  # sequences; the batch at which the rule gives lr
   c.optim.schedule = "constant"  # constant (after warmup; for scans) | cosine | linear
   c.optim.warmup_tokens = 0  # warmup in tokens, so all batch sizes warm up on equal data
@@ -56,6 +62,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
+  c.optim.momentum = 0.0  # sgd: heavy-ball momentum (0 = plain SGD)
   c.optim.weight_decay = 0.0
   c.optim.clip_norm = 1.0  # 0 = no clipping
 
@@ -82,6 +89,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 200
   c.checkpoint.keep = 2
 
+  # A branch (bscan.branching) starts from another run's checkpoint instead of from init.
+  c.branch = ml_collections.ConfigDict()
+  c.branch.from_workdir = ""  # '' = not a branch; the reference run (or relative to the sweep)
+  c.branch.from_step = 0  # the reference checkpoint's step
+  c.branch.replicate = 0  # replicate j reads the reference's stream after j·Δ tokens
+
   c.noise = ml_collections.ConfigDict()
   c.noise.enabled = True  # B_simple every step
   c.noise.ema_decay = 0.95
@@ -89,6 +102,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.noise.hessian_every = 0  # Hessian-weighted B_noise every N steps (0 = off)
   c.noise.curvature = "hessian"  # hessian | gauss_newton
   return c
+
+
+def nqm_fields(dim: int, condition: float, noise: float, problem_seed: int
+               ) -> ml_collections.ConfigDict:
+  """The noisy quadratic model's fields (task=nqm; bscan.nqm_theory.make_problem)."""
+  n = ml_collections.ConfigDict()
+  n.dim = dim  # eigendirections (even: two parameter groups)
+  n.condition = condition  # h_max / h_min; h log-spaced from 1 down to 1/condition
+  n.noise = noise  # Σ = noise · H
+  n.problem_seed = problem_seed  # θ₀ ~ N(0, I) from this seed (the run seed draws the noise)
+  return n
 
 
 # Scan axes every experiment file accepts in its `arg` (batch in sequences).
