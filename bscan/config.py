@@ -75,10 +75,11 @@ def layout(cfg: ml_collections.ConfigDict, num_devices: int) -> Layout:
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
   """The one check of a config before anything is built: ConfigError naming field and fix."""
-  tasks.get(cfg).validate()
+  task = tasks.get(cfg)
   if branching.is_branch(cfg):
     branching.validate(cfg)
   _validate_layout(cfg, num_devices)
+  task.validate()  # after the layout: reading the data's metadata is the slowest check
   if data_lib.num_shards(cfg) % num_processes:
     raise ConfigError(data_lib.shard_error(cfg, num_processes))
 

@@ -81,10 +81,20 @@ def test_diverged_run_is_recorded(pystdlib_cfg, tmp_path):
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_every_config_file_trains_two_steps(name, pystdlib_cfg, tmp_path):
   module = importlib.import_module(f"experiments.configs.{name}")
-  cfg = _tiny(module.get_config(""), pystdlib_cfg, steps=2)
-  assert train.run(cfg, tmp_path) == "done"
-  derived = json.loads((tmp_path / "config.json").read_text())["derived"]
-  assert derived["batch_sequences"] == 16 and derived["batch_tokens"] == 16 * 32
+  cfg, workdir, seq_len = module.get_config(""), tmp_path / "run", 32
+  if cfg.task == "nqm":  # no text: only the budget and the layout shrink
+    cfg.budget.target_loss, cfg.budget.train_steps, cfg.batch_size = 0.0, 2, 16
+    cfg.microbatch_size, seq_len = 1, 1
+  else:
+    cfg = _tiny(cfg, pystdlib_cfg, steps=2)
+  if cfg.branch.from_workdir:  # a branch: its reference run first, where it looks for it
+    ref = importlib.import_module("experiments.configs.compare").get_config("batch=8")
+    ref_dir = workdir.parent / cfg.branch.from_workdir
+    assert train.run(_tiny(ref, pystdlib_cfg, steps=2), ref_dir) == "done"
+    cfg.branch.from_step = 2
+  assert train.run(cfg, workdir) == "done"
+  derived = json.loads((workdir / "config.json").read_text())["derived"]
+  assert derived["batch_sequences"] == 16 and derived["batch_tokens"] == 16 * seq_len
 
 
 def test_binary_trains_and_records_config(tmp_path):
