@@ -17,7 +17,7 @@ def test_notebook_executes(tmp_path, monkeypatch):
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o["output_type"] == "error"]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
-  assert len(images) == 2  # the two figures
+  assert len(images) == 3  # the two figures and the comparison
   text = " ".join(o.get("text", "") for o in outputs)
   assert "runs from" in text and "(sweep.json)" in text
   assert list(tmp_path.glob("bscan_demo_sweep_*"))
