@@ -1,0 +1,94 @@
+"""Batch schedules in tokens, their learning rates and β2, and the noise-scale controller."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bscan import batch_schedule as bs
+from bscan import data as data_lib
+from bscan.errors import ConfigError
+from experiments.configs import base
+
+
+def test_parse_and_batch_at_thresholds_in_tokens():
+  s = bs.BatchSchedule.parse("0:64, 2M:128,8.5M:256")
+  assert s.stages == (bs.Stage(0, 64), bs.Stage(2_000_000, 128), bs.Stage(8_500_000, 256))
+  assert [s.batch_at(t) for t in (0, 1_999_999, 2_000_000, 8_499_999, 10**9)] == [
+      64, 64, 128, 128, 256]
+  assert bs.parse_tokens("512k") == 512_000 and bs.parse_tokens("65536") == 65536
+
+
+@pytest.mark.parametrize("text, message", [
+    ("64", "must look like TOKENS:BATCH"),
+    ("0:64,2M", "must look like TOKENS:BATCH"),
+    ("0:0", "positive whole number"),
+    ("0:6.5", "positive whole number"),
+    ("1k:64", "starts at token 0"),
+    ("0:64,2M:128,1M:256", "thresholds must increase"),
+    ("0:128,2M:64", "goes down from 128 to 64"),
+    ("0:64,2X:128", "'2X' is not a token count"),
+    ("0:64,1.5:128", "not a whole number of tokens"),
+])
+def test_bad_schedules_name_the_item_and_the_fix(text, message):
+  with pytest.raises(ConfigError, match=message):
+    bs.BatchSchedule.parse(text)
+
+
+def test_every_batch_must_fit_the_layout_and_keep_the_data_shards():
+  s = bs.BatchSchedule.parse("0:16,1M:32,2M:64")
+  s.check_layout(num_devices=8, microbatch=2, data_shards=16)
+  with pytest.raises(ConfigError, match="batch 16 of the schedule is not divisible by devices"):
+    s.check_layout(num_devices=8, microbatch=4, data_shards=16)
+  with pytest.raises(ConfigError, match=r"set data.shards=8"):
+    bs.BatchSchedule.parse("0:8,1M:16").check_layout(1, 1, data_shards=16)
+  bs.BatchSchedule.parse("0:8,1M:16").check_layout(1, 1, data_shards=8)
+
+
+def test_learning_rate_follows_the_optimizers_rule_and_refuses_a_misfit():
+  assert bs.learning_rate(1e-3, 256, 64, "adamw", "auto") == pytest.approx(2e-3)
+  assert bs.learning_rate(0.1, 256, 64, "sgd", "auto") == pytest.approx(0.4)
+  with pytest.raises(ConfigError, match="'sqrt' does not fit optim.name='sgd'"):
+    bs.learning_rate(0.1, 256, 64, "sgd", "sqrt")
+
+
+def test_beta2_held_in_tokens_keeps_the_half_life():
+  b2 = bs.beta2_fixed_in_tokens(0.95, 256, 64)
+  assert b2 == pytest.approx(0.95**4)
+  # Half-life in tokens: steps to halve × tokens per step, equal at both batches.
+  half = lambda beta, batch: math.log(0.5) / math.log(beta) * batch
+  assert half(b2, 256) == pytest.approx(half(0.95, 64))
+
+
+def test_noise_scale_controller_grows_only_on_its_cadence_to_valid_batches():
+  c = bs.NoiseScaleController(factor=1.0, min_batch=8, max_batch=64, multiple=8,
+                              every_tokens=1000)
+  assert c.next_batch(8, tokens=500, last_change_tokens=0, noise_scale=40.0) == 8  # too soon
+  assert c.next_batch(8, tokens=1000, last_change_tokens=0, noise_scale=41.9) == 40
+  assert c.next_batch(40, tokens=5000, last_change_tokens=1000, noise_scale=10.0) == 40  # up only
+  assert c.next_batch(40, tokens=5000, last_change_tokens=1000, noise_scale=1e6) == 64  # clipped
+  assert c.next_batch(8, tokens=5000, last_change_tokens=0, noise_scale=float("nan")) == 8
+  with pytest.raises(ConfigError, match="must be multiples of 8"):
+    bs.NoiseScaleController(1.0, 4, 64, 8, 0)
+
+
+def test_a_grown_batch_reads_the_same_token_stream(pystdlib_cfg):
+  """Per shard, steps at 2B read the rows the B run reads next: no token skipped or repeated."""
+  cfg = base.get_base_config()
+  cfg.data, cfg.tokenizer = pystdlib_cfg.data, pystdlib_cfg.tokenizer
+  cfg.seq_len, cfg.batch_size = 32, 8
+  small = data_lib.make_train_iterator(cfg)
+  stream = np.concatenate([next(small) for _ in range(6)])  # 6 steps at B = 8
+  it = data_lib.make_train_iterator(cfg)
+  first = [next(it) for _ in range(2)]
+  big_cfg = cfg.copy_and_resolve_references()
+  big_cfg.batch_size, big_cfg.data.shards = 16, math.gcd(8, cfg.data.shards)
+  big = data_lib.make_train_iterator(big_cfg)
+  big.set_state(it.get_state())
+  grown = first + [next(big), next(big)]  # then 2 steps at B = 16
+  shards = data_lib.num_shards(cfg)
+  per = 8 // shards
+  for s in range(shards):  # each shard's rows, in order, are the fixed-batch run's
+    want = np.concatenate([stream[8 * i + per * s:8 * i + per * (s + 1)] for i in range(6)])
+    got = np.concatenate([g[len(g) // shards * s:len(g) // shards * (s + 1)] for g in grown])
+    np.testing.assert_array_equal(got, want)
