@@ -66,7 +66,7 @@ def restore(cfg: ml_collections.ConfigDict, workdir: epath.Path, data_shards: in
   """The reference's train state at branch.from_step, with `data_iter` at this replicate's
   position (the reference's, plus replicate·Δ tokens)."""
   ref = check_reference(cfg, workdir, data_shards)
-  ckpt = checkpoint_lib.Checkpointer(ref, keep=1)
+  ckpt = checkpoint_lib.Checkpointer(ref, keep=1, read_only=True)
   try:
     state = ckpt.restore_step(cfg.branch.from_step, abstract_state, data_iter)
   finally:

@@ -23,11 +23,12 @@ PROCESSES_KEY = "processes"  # a data state per process (grain worker processes)
 class Checkpointer:
   """One CheckpointManager: keep-N policy, state + data iterator + loop state saved together."""
 
-  def __init__(self, workdir: epath.PathLike, keep: int):
+  def __init__(self, workdir: epath.PathLike, keep: int, read_only: bool = False):
+    """`read_only`: another run's checkpoints (a branch's reference), never changed."""
     self._directory = workdir_lib.checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
-        self._directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True))
+        self._directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max(keep, 1), create=not read_only, read_only=read_only))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
