@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 from bscan.analysis import branches  # noqa: E402
 from bscan.analysis import comparison  # noqa: E402
 from bscan.analysis import figures  # noqa: E402
+from bscan.analysis import noise  # noqa: E402
 from bscan.analysis import pipeline  # noqa: E402
 from bscan.analysis import synthetic  # noqa: E402
 
@@ -80,10 +81,17 @@ def test_sizes_drawn(result):
     warnings.simplefilter("ignore")
     plain = pipeline.analyze(synthetic.simulate_runs(synthetic.DEMO_SCAN),
                              targets=synthetic.DEMO_SCAN.targets)
-  # no branches, no B_noise: one figure all the same, for the first size with scan fits
-  assert comparison.comparison_sizes(plain) == ["3m"]
+  # No branches, no B_noise: one figure all the same, for the size with the most scan fits
+  # (the larger one on a tie).
+  assert comparison.comparison_sizes(plain) == ["10m"]
   fig = comparison.plot_comparison(plain)
   assert len(fig.axes) == 2 and "branched" not in _legend(fig.axes[0])
+  # B_simple is drawn only at losses that at least half of the size's runs reach.
+  line = next(l for l in fig.axes[0].lines if l.get_label().startswith("B_simple"))
+  runs = plain.runs[plain.runs["size"] == "10m"]
+  reached = noise.noise_at_losses(runs, line.get_xdata(), plain.window, plain.min_step)
+  counts = reached.groupby("loss")["b_simple"].count()
+  assert len(counts) == len(line.get_xdata()) and counts.min() >= len(runs) / 2, counts
   plt.close(fig)
   both = comparison.plot_comparison(plain, ["3m", "10m"])
   assert [ax.get_title().split(" ")[0] for ax in both.axes[::2]] == ["3m", "10m"]

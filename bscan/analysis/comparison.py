@@ -9,6 +9,7 @@ law and its band. Flagged targets (lack of fit) are hollow everywhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,17 +24,20 @@ from bscan.analysis import pipeline
 
 SCAN, BRANCH, SIMPLE, NOISE = "tab:blue", "tab:red", "tab:green", "tab:purple"
 GRID_POINTS = 24  # losses at which the noise-scale curves are drawn
+MIN_RUN_SHARE = 0.5  # a noise-scale curve is drawn where at least this share of runs reach L
 
 
 def comparison_sizes(analysis: pipeline.Analysis) -> list[str]:
-  """Sizes with branch or B_noise data; else the first size with a scan fit; else none."""
+  """Sizes with branch or B_noise data; else the size with the most scan fits; else none."""
   sizes = list(dict.fromkeys(analysis.runs.sort_values("n_params")["size"]))
   with_branches = set() if analysis.branches is None else set(analysis.branches.cbs["size"])
   at = analysis.noise_at_targets
   with_noise = set(at.loc[at["b_noise_n_runs"] > 0, "size"])
   picked = [s for s in sizes if s in with_branches | with_noise]
-  fitted = [s for s in sizes if s in set(analysis.critical["size"])]
-  return picked or fitted[:1]
+  fits = analysis.critical["size"].value_counts()
+  # Else the size with the most fitted targets (the larger one on a tie): the longest curve.
+  fitted = sorted((s for s in sizes if s in fits), key=lambda s: (fits[s], sizes.index(s)))
+  return picked or fitted[-1:]
 
 
 def _branch_rows(analysis: pipeline.Analysis, size: str) -> pd.DataFrame:
@@ -44,9 +48,12 @@ def _branch_rows(analysis: pipeline.Analysis, size: str) -> pd.DataFrame:
 
 
 def _loss_range(analysis: pipeline.Analysis, size: str) -> tuple[float, float]:
-  """(low, high) loss of the left panel: the targets and the checkpoints' losses, padded."""
-  losses = np.concatenate([np.asarray(analysis.targets, float),
-                           _branch_rows(analysis, size)["ref_loss"].to_numpy(float)])
+  """(low, high) loss of the left panel: the size's fitted targets and its checkpoints'
+  losses (all targets when it has neither), padded."""
+  fitted = analysis.critical.loc[analysis.critical["size"] == size, "target"].to_numpy(float)
+  losses = np.concatenate([fitted, _branch_rows(analysis, size)["ref_loss"].to_numpy(float)])
+  if not len(losses):
+    losses = np.asarray(analysis.targets, float)
   lo, hi = losses.min(), losses.max()
   span = np.log(hi / lo) if hi > lo else 0.2
   return lo * np.exp(-0.12 * span), hi * np.exp(0.12 * span)
@@ -62,7 +69,9 @@ def _draw_noise(ax, analysis: pipeline.Analysis, size: str, lo: float, hi: float
   for name, colour, label in (
       ("b_simple", SIMPLE, "B_simple = tr Σ / |G|²"),
       ("b_noise", NOISE, "B_noise = tr(HΣ) / GᵀHG")):
-    ok = table[np.isfinite(table[name])]
+    # Only losses that most runs reach: where one run is left, its value is no average.
+    enough = max(2, math.ceil(MIN_RUN_SHARE * len(runs)))
+    ok = table[np.isfinite(table[name]) & (table[f"{name}_n_runs"] >= min(enough, len(runs)))]
     if ok.empty:
       continue
     x = ok["target"].to_numpy(float)
