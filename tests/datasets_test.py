@@ -43,8 +43,10 @@ def test_stdlib_file_set_rule():
   assert set(with_tests) == expected
   assert with_tests == sorted(with_tests)
   assert set(without) == {p for p in expected if not datasets.is_test_path(p)}
-  assert any(datasets.is_test_path(p) for p in with_tests)
-  assert "os.py" in without and "test/test_os.py" in with_tests
+  assert "os.py" in without
+  if (root / "test" / "test_os.py").is_file():  # Debian ships the stdlib tests apart
+    assert any(datasets.is_test_path(p) for p in with_tests)
+    assert "test/test_os.py" in with_tests
   assert not any("-packages" in p for p in with_tests)
   assert not any("sysconfigdata" in p or p.startswith("config-") for p in with_tests)
 
