@@ -6,6 +6,7 @@ from typing import Any
 
 import ml_collections
 
+from bscan import batch_schedule
 from bscan import branching
 from bscan import data as data_lib
 from bscan import lr_scaling
@@ -61,9 +62,10 @@ class Layout:
     return self.num_devices * self.num_microbatches
 
 
-def layout(cfg: ml_collections.ConfigDict, num_devices: int) -> Layout:
-  """Splits cfg.batch_size; microbatch_size 0 picks the largest ≤ max_microbatch_size."""
-  per_device = cfg.batch_size // num_devices
+def layout(cfg: ml_collections.ConfigDict, num_devices: int, batch: int = 0) -> Layout:
+  """Splits `batch` (default cfg.batch_size); microbatch_size 0 picks the largest ≤
+  max_microbatch_size."""
+  per_device = (batch or cfg.batch_size) // num_devices
   m = cfg.microbatch_size
   if m == 0:
     # Largest divisor of the per-device batch that fits the memory cap; at least two
@@ -79,6 +81,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
   if branching.is_branch(cfg):
     branching.validate(cfg)
   _validate_layout(cfg, num_devices)
+  _validate_ramp(cfg, num_devices, num_processes)
   task.validate()  # after the layout: reading the data's metadata is the slowest check
   if data_lib.num_shards(cfg) % num_processes:
     raise ConfigError(data_lib.shard_error(cfg, num_processes))
@@ -101,7 +104,7 @@ def _validate_layout(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         f"batch_size={cfg.batch_size} is not divisible by devices × microbatch_size = "
         f"{num_devices} × {m}; use a batch_size multiple of {num_devices * m} or another "
         "microbatch_size")
-  _validate_optim(cfg.optim)
+  _validate_optim(cfg.optim, ramp=batch_schedule.Ramp.from_config(cfg) is not None)
   _validate_budget(cfg)
   for field in ("eval.every_steps", "eval.per_decade", "noise.group_every",
                 "noise.hessian_every"):
@@ -132,7 +135,35 @@ def _validate_layout(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                       "'gauss_newton'")
 
 
-def _validate_optim(optim: ml_collections.ConfigDict) -> None:
+def _validate_ramp(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+  """A growing batch: what it needs of the rest of the config, and every batch's layout."""
+  ramp = batch_schedule.Ramp.from_config(cfg)
+  if ramp is None:
+    return
+  o = cfg.optim
+  needs = [
+      (cfg.task == "lm", f"task={cfg.task!r}: a ramp needs task='lm'"),
+      (not branching.is_branch(cfg), "a branch run trains at one batch: clear ramp.*"),
+      (o.schedule == "constant", f"optim.schedule={o.schedule!r}: a ramp needs 'constant' (a "
+       "decay counted in steps changes meaning when the batch grows)"),
+      (o.batch_scaling != "none" or o.declare_scaling,
+       "optim.batch_scaling='none' keeps the learning rate fixed while the batch grows; set "
+       "optim.batch_scaling='auto' (√ for adamw, linear for sgd), or optim.declare_scaling=True "
+       "to keep it fixed on purpose"),
+      (cfg.data.worker_count == 0, f"data.worker_count={cfg.data.worker_count}: grain workers "
+       "batch their own rows, so the batch cannot change; set data.worker_count=0"),
+      (ramp.first_change_tokens() >= o.warmup_tokens,
+       f"the ramp's first change at {ramp.first_change_tokens()} tokens falls inside the "
+       f"warmup (optim.warmup_tokens={o.warmup_tokens}); start it after the warmup"),
+  ]
+  for ok, message in needs:
+    if not ok:
+      raise ConfigError(message)
+  batch_schedule.check_batches(list(ramp.batches()), num_devices, cfg.microbatch_size,
+                               cfg.data.shards, num_processes)
+
+
+def _validate_optim(optim: ml_collections.ConfigDict, ramp: bool = False) -> None:
   if optim.lr <= 0:
     raise ConfigError(f"optim.lr={optim.lr} must be positive")
   choices = {"optim.schedule": (optim.schedule, SCHEDULES),
@@ -141,7 +172,7 @@ def _validate_optim(optim: ml_collections.ConfigDict) -> None:
     if value not in allowed:
       raise ConfigError(f"{field}={value!r} is unknown; choose one of {allowed}")
   rule = lr_scaling.resolve(optim.name, optim.batch_scaling, optim.declare_scaling)
-  if rule != "none" and optim.reference_batch <= 0:
+  if rule != "none" and optim.reference_batch <= 0 and not ramp:
     raise ConfigError("optim.reference_batch must be positive when batch_scaling is on")
   if optim.clip_norm < 0 or optim.weight_decay < 0 or optim.warmup_tokens < 0:
     raise ConfigError("optim.clip_norm, optim.weight_decay, optim.warmup_tokens must be ≥ 0")
@@ -208,6 +239,7 @@ def kaplan_lr(n_params: int) -> float:
 def peak_learning_rate(cfg: ml_collections.ConfigDict, n_params: int) -> float:
   """optim.lr, or the model-size rule, times the declared batch-size scaling."""
   lr = kaplan_lr(n_params) * cfg.optim.lr_scale if cfg.optim.lr_rule == "kaplan" else cfg.optim.lr
+  # A ramp's stages set reference_batch to its first batch (batch_schedule.stage_config).
   ratio = cfg.batch_size / cfg.optim.reference_batch if cfg.optim.reference_batch else 1.0
   o = cfg.optim
   return lr_scaling.scaled(lr, ratio, lr_scaling.resolve(o.name, o.batch_scaling,

@@ -145,29 +145,40 @@ def _restore_tuples(state):
 class _ShardedBatches(grain.IterDataset):
   """This process's block of the global batch: each of its shards' rows, in shard order."""
 
-  def __init__(self, parents: Sequence[grain.IterDataset], shard_ids: Sequence[int]):
+  def __init__(self, parents: Sequence[grain.IterDataset], shard_ids: Sequence[int],
+               rows: int):
     super().__init__(parents)
     self._shard_ids = list(shard_ids)
+    self._rows = rows
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _ShardedBatchesIterator([iter(p) for p in self._parents], self._shard_ids)
+    return _ShardedBatchesIterator([iter(p) for p in self._parents], self._shard_ids, self._rows)
 
 
 class _ShardedBatchesIterator(grain.DatasetIterator):
-  """Concatenates one batch of each shard; its state is keyed by shard, not by process.
+  """Stacks `rows` rows of each shard; its state is keyed by shard, not by process.
 
   Keyed by shard, the states of all processes merge into one dict that any process count
-  can resume from (bscan.checkpoint gathers them). The state also survives JSON: grain
-  0.2.18's ConcatThenSplit compares its slices with the tuple (-1, -1), which a JSON round
-  trip turns into a list, so set_state restores the tuples.
+  can resume from (bscan.checkpoint gathers them). Each shard yields rows, not batches, so
+  `set_batch` changes the batch between two steps and the shard streams go on untouched (a
+  batch ramp reads every token once). The state is each shard's row iterator's, the same as
+  a grain `.batch()`'s. It also survives JSON: grain 0.2.18's ConcatThenSplit compares its
+  slices with the tuple (-1, -1), which a JSON round trip turns into a list, so set_state
+  restores the tuples.
   """
 
-  def __init__(self, parents: Sequence[grain.DatasetIterator], shard_ids: Sequence[int]):
+  def __init__(self, parents: Sequence[grain.DatasetIterator], shard_ids: Sequence[int],
+               rows: int):
     super().__init__(parents)
     self._shard_ids = list(shard_ids)
+    self._rows = rows
 
   def __next__(self) -> np.ndarray:
-    return np.concatenate([next(p) for p in self._parents])
+    return np.stack([next(p) for p in self._parents for _ in range(self._rows)])
+
+  def set_rows(self, rows: int) -> None:
+    """From the next batch on, `rows` rows per shard (global batch = rows × shards)."""
+    self._rows = rows
 
   def get_state(self) -> dict:
     return {SHARDS_KEY: {str(i): p.get_state() for i, p in zip(self._shard_ids, self._parents)}}
@@ -179,6 +190,16 @@ class _ShardedBatchesIterator(grain.DatasetIterator):
       raise ValueError(f"the data iterator state has no entry for shard(s) {missing}")
     for i, parent in zip(self._shard_ids, self._parents):
       parent.set_state(_restore_tuples(shards[str(i)]))
+
+
+def set_batch(data_iter: grain.DatasetIterator, cfg: ml_collections.ConfigDict,
+              batch: int) -> None:
+  """Makes `data_iter` (make_train_iterator's, worker_count 0) yield global batches of
+  `batch` sequences from the next one on; `batch` must read cfg's data shards."""
+  shards = num_shards(cfg)
+  if math.gcd(batch, cfg.data.shards) != shards:
+    raise ValueError(f"batch {batch} reads other data shards than batch_size={cfg.batch_size}")
+  data_iter.set_rows(batch // shards)
 
 
 def _packed_tokens(packed: dict) -> np.ndarray:
@@ -235,7 +256,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int = 
                       f"too few for {shards} data shards; lower data.shards")
   window = max(1, cfg.data.shuffle_window // shards)  # the same memory for any shard count
   parents = [_shard_dataset(cfg, tokenizer, source, s, shards, window) for s in shard_ids]
-  it = _ShardedBatches(parents, shard_ids)
+  it = _ShardedBatches(parents, shard_ids, cfg.batch_size // shards)
   if cfg.data.worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
   return iter(it)
@@ -244,7 +265,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int = 
 def _shard_dataset(cfg: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
                    source: Sequence[dict], shard: int, shards: int,
                    window: int) -> grain.IterDataset:
-  """Shard `shard` of `shards`: its documents, packed and batched to B/shards rows."""
+  """Shard `shard` of `shards`: its documents, packed into rows."""
   ds = grain.MapDataset.source(source)[shard::shards]
   # shuffle-then-repeat: repeat() reseeds the shuffle, so every epoch has a new order.
   ds = ds.shuffle(seed=derived_seed(cfg.seed, 0, shard)).repeat().map(
@@ -257,7 +278,7 @@ def _shard_dataset(cfg: ml_collections.ConfigDict, tokenizer: tokenizers.Tokeniz
   it = it.map(_packed_tokens)
   it = grain.experimental.WindowShuffleIterDataset(
       it, window_size=window, seed=derived_seed(cfg.seed, 1, shard))
-  return it.batch(cfg.batch_size // shards, drop_remainder=True)
+  return it  # rows: _ShardedBatches stacks them (a .batch() here would fix the batch)
 
 
 def _eval_tokens(cfg: ml_collections.ConfigDict, max_tokens: int) -> np.ndarray:

@@ -11,8 +11,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from bscan import batch_schedule
 from bscan import branching
 from bscan import checkpoint as checkpoint_lib
+from bscan import data as data_lib
 from bscan import tasks
 from bscan import stopping
 from bscan import workdir as workdir_lib
@@ -30,11 +32,13 @@ class Run:
     self.writer = workdir_lib.MetricsWriter(workdir, enabled=self.is_main)
     self.ckpt = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
     b = cfg.budget
+    self.ramp = batch_schedule.Ramp.from_config(cfg)  # None: one batch for the whole run
     self.stop_rule = stopping.StopRule.from_tokens(
         b.target_loss, b.overshoot, plan.max_steps, plan.batch_tokens, b.smoothing_tokens)
     self.divergence = stopping.DivergenceRule(b.diverge_margin, b.diverge_patience)
     self.loop = stopping.LoopState()
     self.step = 0  # last dispatched step
+    self.tokens = 0  # tokens trained through the last dispatched step
     self._last_fetch = None
     self.diverged = ""  # the reason, once diverged
     self.step_diverged = 0
@@ -62,6 +66,9 @@ class Run:
               f"{self.cfg.branch.from_step} (replicate {self.cfg.branch.replicate})", flush=True)
       return state
     self.step, state, self.loop = restored
+    # Checkpoints from before batch ramps hold tokens=0: their runs had one batch.
+    self.tokens = self.loop.tokens or self.step * self.plan.batch_tokens
+    self.loop = dataclasses.replace(self.loop, tokens=self.tokens)
     # Checkpoints written before rows were counted hold rows=0: nothing to check against.
     self.writer.resume(self.step, self.loop.rows or None)
     if self.is_main:
@@ -70,18 +77,31 @@ class Run:
 
   def wants_step(self) -> bool:
     """Whether the next step runs (decided on the rows fetched so far, one step behind)."""
-    return not self.diverged and self.step < self.stop_rule.stop_step(self.loop)
+    return (not self.diverged and self.step < self.stop_rule.stop_step(self.loop)
+            and self.tokens < self.plan.max_tokens)
 
   def last_step(self) -> bool:
     """Whether the step just dispatched is the run's last (its row gets an eval loss)."""
-    return self.step == self.stop_rule.stop_step(self.loop)
+    return (self.step == self.stop_rule.stop_step(self.loop)
+            or self.tokens >= self.plan.max_tokens)
 
-  def next_batch(self) -> np.ndarray:
+  def next_batch_size(self) -> int:
+    """The global batch (sequences) of the next step."""
+    if self.ramp is None:
+      return self.plan.batch_sequences
+    changes = tuple(batch_schedule.Change(*c) for c in self.loop.changes)
+    return self.ramp.batch_for(self.step + 1, self.tokens, changes)
+
+  def next_batch(self, batch: int = 0) -> np.ndarray:
+    """This process's rows of the next global batch (of `batch` sequences, on a ramp)."""
+    if self.ramp is not None:
+      data_lib.set_batch(self.data_iter, self.cfg, batch)
     return next(self.data_iter)
 
   def write_status(self, status: str, reason: str, step: int) -> None:
     if self.is_main:
-      workdir_lib.write_status(self.workdir, status, reason, step, step * self.plan.batch_tokens)
+      tokens = self.loop.tokens if step == self.step else step * self.plan.batch_tokens
+      workdir_lib.write_status(self.workdir, status, reason, step, tokens)
     if status in workdir_lib.FINAL_STATES + (workdir_lib.PREEMPTED,):
       self.ended = status
 
@@ -97,6 +117,10 @@ class Run:
     if self.ckpt.latest_step() != self.step:
       self.save(state, force=True)
     reason = self.stop_rule.reason(self.loop)
+    if self.step < self.stop_rule.stop_step(self.loop):  # the tokens ran out first (a ramp)
+      reason = f"{self.plan.max_tokens} tokens trained" + (
+          f" before target loss {self.stop_rule.target_loss}"
+          if self.stop_rule.target_loss and not self.loop.target_step else "")
     self.write_status(workdir_lib.DONE, reason, self.step)
     if self.is_main:
       print(f"{self.label}done: {reason} → {self.workdir}", flush=True)
@@ -112,14 +136,20 @@ class Run:
                       f"SIGTERM at step {self.step}; rerun the same command to resume", self.step)
     return workdir_lib.PREEMPTED
 
-  def finish(self, step: int, m: dict[str, Any], eval_loss) -> None:
-    """Writes one step's row (fetched metrics) and applies the stop and divergence rules."""
+  def finish(self, step: int, m: dict[str, Any], eval_loss, batch: int = 0) -> None:
+    """Writes one step's row (fetched metrics; the step trained `batch` sequences) and applies
+    the stop and divergence rules and the ramp's controller."""
     now = time.perf_counter()
     dt = now - self._last_fetch if self._last_fetch is not None else float("nan")
     self._last_fetch = now
     loss = float(m["train_loss"])
-    tokens = self.plan.batch_tokens
-    row = {Col.STEP: step, Col.TOKENS: step * tokens, Col.TRAIN_LOSS: loss,
+    batch = batch or self.plan.batch_sequences
+    tokens = batch * self.plan.seq_len
+    self.loop = dataclasses.replace(self.loop, tokens=self.loop.tokens + tokens)
+    row = {Col.STEP: step, Col.TOKENS: self.loop.tokens, Col.BATCH: batch,
+           **({Col.OVERHEAD_TOKENS: self.loop.overhead_tokens}
+              if self.ramp is not None and self.ramp.branched else {}),
+           Col.TRAIN_LOSS: loss,
            Col.LR: float(m["lr"]), Col.GRAD_NORM: float(m["grad_norm"]), Col.STEP_TIME_S: dt,
            Col.TOKENS_PER_S: tokens / dt if dt == dt else float("nan")}
     if eval_loss is not None:
@@ -142,7 +172,22 @@ class Run:
     if reason and not self.diverged:
       self.diverged, self.step_diverged = f"{reason} at step {step}", step
       return
-    self.loop = self.stop_rule.update(self.loop, step, loss)
+    self.loop = self.stop_rule.update(self.loop, step, loss, tokens)
+    if self.ramp is not None and self.ramp.controller is not None:
+      self._decide(step, m)
+
+  def _decide(self, step: int, m: dict[str, Any]) -> None:
+    """The controller's decision on this step's metrics (it applies from step + 2)."""
+    changes = tuple(batch_schedule.Change(*c) for c in self.loop.changes)
+    decided = self.ramp.decide(changes, step, self.loop.tokens, m)
+    if decided != changes:
+      new = decided[-1]
+      self.loop = dataclasses.replace(
+          self.loop, changes=tuple(dataclasses.astuple(c) for c in decided))
+      if self.is_main:
+        print(f"{self.label}step {step:>6}  batch {changes[-1].batch if changes else self.ramp.first}"
+              f" → {new.batch} from step {new.step} ({self.ramp.estimate} "
+              f"{float(m[self.ramp.estimate]) / self.plan.seq_len:.1f} sequences)", flush=True)
 
   def _noise_columns(self, step: int, m: dict[str, Any]) -> dict[str, float]:
     if "b_simple" not in m:

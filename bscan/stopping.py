@@ -24,6 +24,15 @@ class LoopState:
   initial_loss: float | None = None  # the first step's train loss
   steps_above: int = 0  # consecutive steps with the loss above initial_loss + margin
   rows: int = 0  # metric rows written up to this step (a resume checks none went missing)
+  tokens: int = 0  # tokens trained up to this step (0 in checkpoints before batch ramps)
+  # A ramp controller's decisions (bscan.batch_schedule.Change as [step, batch, tokens]).
+  changes: tuple[tuple[int, int, int], ...] = ()
+  loss_ema_weight: float = 0.0  # Σ of the EMA's weights: its bias correction at any batch
+  last_test_tokens: int = 0  # a branched ramp controller's last test
+  overhead_tokens: int = 0  # tokens it trained in branches it did not keep
+
+  def __post_init__(self):  # JSON (a checkpoint) gives lists
+    object.__setattr__(self, "changes", tuple(tuple(c) for c in self.changes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,26 +42,35 @@ class StopRule:
   target_loss: float
   overshoot: float
   max_steps: int
-  decay: float  # exp(−batch_tokens / smoothing_tokens)
+  decay: float  # exp(−batch_tokens / smoothing_tokens) at the run's first batch
+  smoothing_tokens: float = 0.0  # the EMA's time constant; 0: `decay` at every step
 
   @classmethod
   def from_tokens(cls, target_loss: float, overshoot: float, max_steps: int,
                   batch_tokens: int, smoothing_tokens: float) -> StopRule:
     """The rule with its smoothing given in tokens (the same window for every batch size)."""
-    return cls(target_loss, overshoot, max_steps, math.exp(-batch_tokens / smoothing_tokens))
+    return cls(target_loss, overshoot, max_steps, math.exp(-batch_tokens / smoothing_tokens),
+               smoothing_tokens)
 
   def smoothed(self, s: LoopState) -> float:
     """The bias-corrected EMA of the train loss (NaN before the first step)."""
     if not s.loss_ema_count:
       return math.nan
-    return s.loss_ema / (1.0 - self.decay**s.loss_ema_count)
+    # Checkpoints from before batch ramps hold no weight: every step had `decay`.
+    weight = s.loss_ema_weight or 1.0 - self.decay**s.loss_ema_count
+    return s.loss_ema / weight
 
-  def update(self, s: LoopState, step: int, loss: float) -> LoopState:
-    """The state after `step` trained with train loss `loss`."""
+  def update(self, s: LoopState, step: int, loss: float, batch_tokens: int = 0) -> LoopState:
+    """The state after `step` trained on `batch_tokens` tokens with train loss `loss`."""
     if not self.target_loss:
       return s
-    ema = self.decay * s.loss_ema + (1 - self.decay) * loss
-    s = dataclasses.replace(s, loss_ema=ema, loss_ema_count=s.loss_ema_count + 1)
+    decay = self.decay
+    if batch_tokens and self.smoothing_tokens:  # a step of k× the tokens weighs k× as much
+      decay = math.exp(-batch_tokens / self.smoothing_tokens)
+    weight = s.loss_ema_weight or 1.0 - self.decay**s.loss_ema_count
+    s = dataclasses.replace(s, loss_ema=decay * s.loss_ema + (1 - decay) * loss,
+                            loss_ema_weight=decay * weight + (1 - decay),
+                            loss_ema_count=s.loss_ema_count + 1)
     if not s.target_step and self.smoothed(s) <= self.target_loss:
       s = dataclasses.replace(s, target_step=step)
     return s

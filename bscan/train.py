@@ -16,12 +16,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from bscan import batch_schedule
 from bscan import branching
 from bscan import checkpoint as checkpoint_lib
 from bscan import config as config_lib
 from bscan import data as data_lib
 from bscan import noise_scale
 from bscan import optim
+from bscan import ramp_branches
 from bscan import run as run_lib
 from bscan import tasks
 from bscan import train_step as step_lib
@@ -181,6 +183,9 @@ def run_packed(specs: list[RunSpec], allow_config_change: bool = False) -> list[
     if branching.is_branch(spec.cfg):
       branching.check_reference(spec.cfg, spec.workdir, data_lib.num_shards(spec.cfg))
   check_packable(specs)
+  if len(specs) > 1 and batch_schedule.Ramp.from_config(specs[0].cfg):
+    raise ConfigError("runs with a batch ramp (ramp.*) train one per process: their batches "
+                      "part ways; run them without --pack")
   statuses = [_previous_final_status(s.workdir) for s in specs]
   todo = [s for s, status in zip(specs, statuses) if status is None]
   if not todo:
@@ -245,12 +250,22 @@ def _optimizer_at(cfg: ml_collections.ConfigDict, peak) -> tuple[Any, Any]:
   return optim.optimizer(cfg, lr), lr
 
 
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+  """The step (and Hessian products) for one global batch."""
+
+  sc: step_lib.StepConfig
+  train_step: Any
+  hessian_fn: Any
+
+
 @dataclasses.dataclass
 class _Pending:
   """A dispatched step whose metrics are not fetched yet: which runs, and their outputs."""
 
   live: list[int]  # run indices, in stack order
   steps: list[int]
+  batch: int  # sequences: the step's global batch
   metrics: dict[str, Any]
   hessian: dict[str, Any]
   hessian_runs: set[int]
@@ -271,24 +286,14 @@ class Trainer:
     cfg, plan = runs[0].cfg, runs[0].plan
     self.cfg = cfg
     self.mesh = step_lib.make_mesh()
-    self.sc = step_lib.StepConfig(
-        num_microbatches=plan.num_microbatches, microbatch=plan.microbatch_sequences,
-        seq_len=plan.seq_len, num_devices=plan.num_devices, noise=cfg.noise.enabled,
-        ema_decay=cfg.noise.ema_decay, group_of=model.group_of)
+    self.model = model
     self.loss_fn = model.loss_fn
+    self._compiled: dict[int, _Compiled] = {}
     optimizer_at = lambda peak: _optimizer_at(cfg, peak)
     if self.packed:
-      self.train_step = step_lib.make_packed_train_step(self.loss_fn, optimizer_at, self.sc,
-                                                        self.mesh)
       for r in runs:
         r.label = f"{r.plan.arg or r.workdir}: "
-    else:
-      tx, lr = optimizer_at(plan.learning_rate)
-      self.train_step = step_lib.make_train_step(self.loss_fn, tx, lr, self.sc, self.mesh)
-    self.hessian_fn = None
-    if cfg.noise.hessian_every:
-      self.hessian_fn = step_lib.make_hessian_fn(self.loss_fn, self.sc, self.mesh,
-                                                 model.curvature, packed=self.packed)
+    self.sc = self.compiled(plan.batch_sequences).sc
     groups = noise_scale.param_groups(jax.eval_shape(model.init_params, jax.random.key(0)),
                                       model.group_of)
     self._init = lambda run: step_lib.init_state(
@@ -306,6 +311,36 @@ class Trainer:
                           out_shardings=replicated)
     self._select = jax.jit(lambda state, idx: jax.tree.map(lambda x: x[idx], state),
                            out_shardings=replicated)
+
+  def compiled(self, batch: int) -> _Compiled:
+    """The step for a global batch of `batch` sequences, built on first use: a ramp's stage
+    has its own microbatch count, learning rate and β2 (bscan.batch_schedule.stage_config)."""
+    if batch in self._compiled:
+      return self._compiled[batch]
+    run = self.runs[0]
+    cfg = self.cfg
+    if batch != run.plan.batch_sequences:
+      cfg = batch_schedule.stage_config(cfg, batch)
+    lay = config_lib.layout(cfg, run.plan.num_devices)
+    sc = step_lib.StepConfig(
+        num_microbatches=lay.num_microbatches, microbatch=lay.microbatch,
+        seq_len=run.plan.seq_len, num_devices=run.plan.num_devices, noise=cfg.noise.enabled,
+        ema_decay=cfg.noise.ema_decay, group_of=self.model.group_of)
+    optimizer_at = lambda peak: _optimizer_at(cfg, peak)
+    if self.packed:
+      train_step = step_lib.make_packed_train_step(self.loss_fn, optimizer_at, sc, self.mesh)
+    else:
+      peak = config_lib.peak_learning_rate(cfg, run.plan.n_params)
+      if batch == run.plan.batch_sequences:
+        peak = run.plan.learning_rate
+      tx, lr = optimizer_at(peak)
+      train_step = step_lib.make_train_step(self.loss_fn, tx, lr, sc, self.mesh)
+    hessian_fn = None
+    if cfg.noise.hessian_every:
+      hessian_fn = step_lib.make_hessian_fn(self.loss_fn, sc, self.mesh, self.model.curvature,
+                                            packed=self.packed)
+    self._compiled[batch] = _Compiled(sc, train_step, hessian_fn)
+    return self._compiled[batch]
 
   def _state_of(self, state: Any, k: int) -> Any:
     """Run k's state (of the current stack), as its solo run holds it."""
@@ -348,6 +383,12 @@ class Trainer:
           for i, s in ending:
             runs[i].end(s)
           break
+        if not self.packed and ramp_branches.due(runs[live[0]]):
+          if pending:
+            self._finish(pending)
+            pending = None
+          state = ramp_branches.test(self, runs[live[0]], state)
+          continue  # the kept branch's steps may have ended the run
         state, pending, previous = self._dispatch(state, live, pending)
         if previous:
           self._finish(previous)
@@ -376,29 +417,32 @@ class Trainer:
     """Dispatches one step of the live runs (and their due evals); returns the new state,
     the step's _Pending and the previous one (to fetch now)."""
     runs = [self.runs[i] for i in live]
+    size = runs[0].next_batch_size()  # a ramp trains alone (packs share one batch)
+    compiled = self.compiled(size)
     if self.shared_data:  # one stream for the pack: read once, every run gets the batch
-      batch = runs[0].next_batch()
+      batch = runs[0].next_batch(size)
       local = np.ascontiguousarray(np.broadcast_to(batch, (len(runs), *batch.shape)))
     else:
-      local = [r.next_batch() for r in runs]
+      local = [r.next_batch(size) for r in runs]
       local = np.stack(local) if self.packed else local[0]
     batch = jax.make_array_from_process_local_data(self.batch_sharding, local)
     hessian, hessian_runs = {}, set()
     every = self.cfg.noise.hessian_every
-    if self.hessian_fn:
+    if compiled.hessian_fn:
       hessian_runs = {i for i, r in zip(live, runs) if (r.step + 1) % every == 0}
       if hessian_runs:  # on the params this step uses
-        hessian = self.hessian_fn(state.params, batch)
+        hessian = compiled.hessian_fn(state.params, batch)
     if self.packed:
       peaks = np.array([r.plan.learning_rate for r in runs], np.float32)
-      state, metrics = self.train_step(state, batch, peaks)
+      state, metrics = compiled.train_step(state, batch, peaks)
     else:
-      state, metrics = self.train_step(state, batch)
+      state, metrics = compiled.train_step(state, batch)
     for r in runs:
       r.step += 1
+      r.tokens += size * r.plan.seq_len
     eval_runs = {i for i, r in zip(live, runs) if eval_due(r.step, self.cfg) or r.last_step()}
     eval_loss = self.eval_fn(state.params, self.eval_tokens) if eval_runs else None
-    new = _Pending(list(live), [r.step for r in runs], metrics, hessian, hessian_runs,
+    new = _Pending(list(live), [r.step for r in runs], size, metrics, hessian, hessian_runs,
                    eval_loss, eval_runs)
     return state, new, pending
 
@@ -410,4 +454,4 @@ class Trainer:
       m = {key: pick(v) for key, v in metrics.items()}
       if i in p.hessian_runs:
         m.update({key: pick(v) for key, v in hessian.items()})
-      self.runs[i].finish(step, m, pick(eval_loss) if i in p.eval_runs else None)
+      self.runs[i].finish(step, m, pick(eval_loss) if i in p.eval_runs else None, p.batch)

@@ -44,7 +44,10 @@ class Col:
   """Metric column names of metrics.jsonl (one row per logged step)."""
 
   STEP = "step"
-  TOKENS = "tokens"
+  TOKENS = "tokens"  # trained up to and including this step
+  BATCH = "batch_size"  # this step's global batch (sequences): a ramp changes it
+  # Tokens a branched ramp controller trained in branches it did not keep, up to this step.
+  OVERHEAD_TOKENS = "ramp_overhead_tokens"
   TRAIN_LOSS = "train_loss"
   LR = "lr"
   GRAD_NORM = "grad_norm"

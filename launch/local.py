@@ -30,12 +30,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from absl import flags
 import tqdm
 
+from bscan import batch_schedule
 from bscan import sweep as sweep_lib
 from bscan import workdir as workdir_lib
 from bscan.errors import ConfigError
@@ -91,12 +92,17 @@ class _Running:
   term_time: float = 0.0
 
 
-def pack_points(points: Sequence[sweep_lib.ExpandedPoint],
-                size: int) -> list[list[sweep_lib.ExpandedPoint]]:
-  """Groups points that differ only in PACK_AXES, at most `size` per group, in sweep order."""
+def pack_points(points: Sequence[sweep_lib.ExpandedPoint], size: int,
+                packable: Callable[[sweep_lib.ExpandedPoint], bool] = lambda p: True
+                ) -> list[list[sweep_lib.ExpandedPoint]]:
+  """Groups points that differ only in PACK_AXES, at most `size` per group, in sweep order;
+  a point that is not `packable` trains alone."""
   groups: dict[tuple, list[list[sweep_lib.ExpandedPoint]]] = {}
   order = []
   for p in points:
+    if not packable(p):
+      order.append([p])
+      continue
     key = tuple(sorted((k, str(v)) for k, v in p.point.items() if k not in PACK_AXES))
     packs = groups.setdefault(key, [])
     if not packs or len(packs[-1]) >= size:
@@ -238,6 +244,13 @@ class LocalSweep:
     self._say(f"{point.arg}: {text} [{time.time() - r.start:.0f}s, log {r.log_path}]")
     return outcome
 
+  def _packable(self, point: sweep_lib.ExpandedPoint) -> bool:
+    """A point whose batch ramps trains alone (its batch parts ways with its pack's)."""
+    if self.pack <= 1:
+      return True
+    cfg = sweep_lib.import_config(self.config).get_config(point.arg)
+    return batch_schedule.Ramp.from_config(cfg) is None
+
   def run(self) -> int:
     """Runs all unfinished points; returns the exit code: 0 all final, 1 some not, 130 stopped."""
     sweep = cli.load_sweep(self.config)
@@ -249,7 +262,7 @@ class LocalSweep:
     # A point whose status changes after this snapshot was run by another launcher meanwhile.
     snapshot = {p.workdir: self._read_status(p) for p in points}
     unfinished = [p for p in points if not workdir_lib.is_final(snapshot[p.workdir])]
-    pending = collections.deque(pack_points(unfinished, self.pack))
+    pending = collections.deque(pack_points(unfinished, self.pack, self._packable))
     if self.sweep_dir.startswith("gs://") and self._default_lock_dir:
       self._say(f"note: locks in {self.lock_dir} guard only against launchers on this host; "
                 "pass --lock_dir=<NFS path> to share a gs:// sweep between machines")

@@ -38,7 +38,7 @@ def test_bad_schedules_name_the_item_and_the_fix(text, message):
 def test_every_batch_must_fit_the_layout_and_keep_the_data_shards():
   s = bs.BatchSchedule.parse("0:16,1M:32,2M:64")
   s.check_layout(num_devices=8, microbatch=2, data_shards=16)
-  with pytest.raises(ConfigError, match="batch 16 of the schedule is not divisible by devices"):
+  with pytest.raises(ConfigError, match="batch 16 of the ramp is not divisible by devices"):
     s.check_layout(num_devices=8, microbatch=4, data_shards=16)
   with pytest.raises(ConfigError, match=r"set data.shards=8"):
     bs.BatchSchedule.parse("0:8,1M:16").check_layout(1, 1, data_shards=16)

@@ -49,3 +49,6 @@ class Interrupting(grain.DatasetIterator):
 
   def set_state(self, state):
     self._parent.set_state(state)
+
+  def set_rows(self, rows: int) -> None:  # a batch ramp changes the batch between steps
+    self._parent.set_rows(rows)

@@ -29,7 +29,7 @@ Col = wd.Col
 
 # Curves kept per run; arrays aligned with `step` (eval curves have their own steps).
 CURVE_KEYS = (Col.TOKENS, Col.TRAIN_LOSS, Col.B_SIMPLE_TOKENS, Col.B_NOISE_TOKENS, Col.TRHS,
-              Col.GHG)
+              Col.GHG, Col.BATCH, Col.OVERHEAD_TOKENS)
 EVAL_STEP = "eval_step"  # runs-table column: the steps at which eval_loss was logged
 UNKNOWN = "unknown"  # runs-table status of a run without status.json (not a workdir status)
 
@@ -192,10 +192,24 @@ def branch_fields(config: Mapping[str, Any]) -> dict[str, Any] | None:
           "branch_replicate": int(branch.get("replicate") or 0)}
 
 
+def ramp_label(config: Mapping[str, Any]) -> str:
+  """How a run's batch grows (config.ramp): '' for one batch, else 'schedule 0:4,150k:8',
+  'noise 1×b_simple' or 'branched'."""
+  ramp = config.get("ramp")
+  if not isinstance(ramp, Mapping):
+    return ""
+  if ramp.get("schedule"):
+    return f"schedule {ramp['schedule']}"
+  if ramp.get("controller") == "noise":
+    return f"noise {ramp.get('factor', 1.0):g}×{ramp.get('estimate', 'b_simple')}"
+  return str(ramp.get("controller") or "")
+
+
 def load_run(workdir: PathLike) -> dict[str, Any] | None:
   """Loads one workdir as a row; None (with a warning) when config.json is missing or damaged.
 
-  A branch run's row also has BRANCH_COLUMNS (from its config.branch).
+  A branch run's row also has BRANCH_COLUMNS (from its config.branch), and every row a
+  `ramp` column (ramp_label: '' for a run at one batch).
   """
   workdir = epath.Path(workdir)
   try:
@@ -210,6 +224,7 @@ def load_run(workdir: PathLike) -> dict[str, Any] | None:
   curves = curves_from_records(_read_metrics(workdir))
   row = run_row(config.derived, curves, status, workdir=str(workdir), arg=config.arg)
   row.update(branch_fields(config.config) or {})
+  row["ramp"] = ramp_label(config.config)
   if status and status.status in (wd.DIVERGED, wd.FAILED):
     diverged = ("its batch counts as beyond the local critical batch size" if
                 "branch_from_workdir" in row else "targets after that count as never reached")
@@ -236,10 +251,16 @@ def load_sweeps(workdirs: PathLike | Sequence[PathLike]) -> tuple[pd.DataFrame, 
 
   Branch runs (config.branch.from_workdir set) train a fixed Δ from another run's checkpoint:
   they are no points of a batch-size scan, so they get their own table (with BRANCH_COLUMNS).
+  Runs whose batch grows (config.ramp) are in neither: bscan.analysis.ramp reads them.
   """
-  rows = _load_rows(workdirs)
+  rows = [r for r in _load_rows(workdirs) if not r.get("ramp")]
   branch = [r for r in rows if r.get("branch_from_workdir")]
   return runs_table([r for r in rows if not r.get("branch_from_workdir")]), runs_table(branch)
+
+
+def load_all_runs(workdirs: PathLike | Sequence[PathLike]) -> pd.DataFrame:
+  """Every run under the workdirs, ramps and branches included (the `ramp` column tells)."""
+  return runs_table(_load_rows(workdirs))
 
 
 def load_runs(workdirs: PathLike | Sequence[PathLike]) -> pd.DataFrame:

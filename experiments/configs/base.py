@@ -95,6 +95,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.branch.from_step = 0  # the reference checkpoint's step
   c.branch.replicate = 0  # replicate j reads the reference's stream after j·Δ tokens
 
+  # A batch that grows during the run (bscan.batch_schedule): a declared schedule in tokens or a
+  # controller. The rate follows optim.batch_scaling from the first batch (batch_size); the
+  # optimizer's own rule is 'auto'. Every batch must fit the layout and the data shards.
+  c.ramp = ml_collections.ConfigDict()
+  c.ramp.schedule = ""  # 'TOKENS:BATCH,...' in sequences, e.g. '0:8,200k:16,1M:32' ('' = none)
+  # '' | noise: batch = factor × the EMA noise scale | branched: periodic branched local-CBS
+  # tests from the run itself, keeping the branch at the local CBS
+  c.ramp.controller = ""
+  c.ramp.estimate = "b_simple"  # noise controller: the estimate it follows
+  c.ramp.factor = 1.0  # noise controller: batch = factor × estimate (sequences)
+  c.ramp.max_batch = 0  # controller: the largest batch (sequences; 0 = batch_size)
+  c.ramp.multiple = 0  # controller: batches are multiples of this (0 = batch_size)
+  c.ramp.every_tokens = 0  # controller: at most one change (or test) per this many tokens
+  c.ramp.branch_ks = (1, 2)  # branched: the multiples of the batch each test tries
+  c.ramp.branch_tokens = 0  # branched: Δ, the tokens of each branch
+  c.ramp.epsilon = 0.01  # branched: nats of held-out loss a larger batch may lose to k = 1
+  c.ramp.beta2_in_tokens = False  # Adam's β2 → β2^(B/B₀): its half-life fixed in tokens
+
   c.noise = ml_collections.ConfigDict()
   c.noise.enabled = True  # B_simple every step
   c.noise.ema_decay = 0.95
