@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 SWEEP_DIR ?= runs/scan
 COMPARE_DIR ?= runs/compare
 NQM_DIR ?= runs/nqm
+RAMP_DIR ?= runs/ramp
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +14,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install test scan compare nqm demo demo-multiprocess benchmark
+.PHONY: install test scan compare nqm ramp demo demo-multiprocess benchmark
 install: $(VENV)/.installed
 
 test: install
@@ -31,6 +32,13 @@ compare: install
 	  --workdir=$(COMPARE_DIR)/branches --parallel=2 --pack=3 --analysis=false
 	$(PY) -m bscan.analysis --workdir=$(COMPARE_DIR)/scan,$(COMPARE_DIR)/branches \
 	  --out=$(COMPARE_DIR)/analysis
+
+# Fixed batches against batches that grow (a declared ramp, noise-scale and branched
+# controllers), three seeds each, then the steps/tokens table, the claim test and the figure.
+ramp: install
+	$(PY) -m launch.local --config=experiments/configs/ramp.py --workdir=$(RAMP_DIR) --parallel=2 \
+	  --pack=3 --analysis=false
+	$(PY) -m experiments.ramp_table --workdir=$(RAMP_DIR)
 
 # The noisy quadratic model through the real sweep, launcher and analysis, against its
 # closed-form scan B_crit.

@@ -150,6 +150,8 @@ def _validate_ramp(cfg: ml_collections.ConfigDict, num_devices: int, num_process
        "optim.batch_scaling='none' keeps the learning rate fixed while the batch grows; set "
        "optim.batch_scaling='auto' (√ for adamw, linear for sgd), or optim.declare_scaling=True "
        "to keep it fixed on purpose"),
+      (ramp.controller is None or cfg.noise.enabled, "ramp.controller='noise' follows the "
+       "in-step noise scale: set noise.enabled=True"),
       (cfg.data.worker_count == 0, f"data.worker_count={cfg.data.worker_count}: grain workers "
        "batch their own rows, so the batch cannot change; set data.worker_count=0"),
       (ramp.first_change_tokens() >= o.warmup_tokens,

@@ -6,6 +6,7 @@ ramp at the lowest target every run reached against the fastest fixed batch that
 --token_slack × its tokens (bscan.analysis.ramp.claim), and draws ramp.{png,pdf}.
 """
 
+import dataclasses
 import json
 import math
 import warnings
@@ -47,12 +48,13 @@ def markdown(summary, claims) -> str:
                  f"{_fmt(r['steps'], r['steps_lo'], r['steps_hi'])} | "
                  f"{_fmt(r['tokens'], r['tokens_lo'], r['tokens_hi'])} |")
   lines += ["", "| target | ramp | best fixed within tokens | steps ratio [95%] | tokens ratio "
-            "| p (fewer) | p (≥ saving) | met |", "|---|---|---|---|---|---|---|---|"]
+            "| p (fewer) | p (≥ saving) | met | steps / frontier's |",
+            "|---|---|---|---|---|---|---|---|---|"]
   for _, c in claims.iterrows():
     lines.append(f"| {c['target']:g} | {c['mode']} | {c['baseline'] or 'none'} | "
                  f"{_fmt(c['steps_ratio'], c['ratio_lo'], c['ratio_hi'])} | "
                  f"{_fmt(c['tokens_ratio'])} | {c['p_fewer']:.3g} | {c['p_saving']:.3g} | "
-                 f"{'yes' if c['met'] else 'no'} |")
+                 f"{'yes' if c['met'] else 'no'} | {_fmt(c['frontier_ratio'])} |")
   return "\n".join(lines)
 
 
@@ -78,7 +80,15 @@ def main(argv):
   text = markdown(summary, claims if claims is not None else summary.iloc[0:0])
   print(text)
   (out / "ramp_table.md").write_text(text + "\n")
-  record = {"lowest_common_target": lowest, "token_slack": _TOKEN_SLACK.value,
+  ideal = ramp_lib.ideal_ramp(rows, [t for t in targets if t >= lowest],
+                              _TOKEN_SLACK.value) if math.isfinite(lowest) else None
+  if ideal is not None:
+    print(f"\nthe best possible ramp here (Kaplan's S–E picture per stretch between targets): "
+          f"rho = {ideal.rho:.3f}; its steps are {ideal.steps_at_equal_tokens:.3f} of one "
+          f"batch's at equal tokens and {ideal.steps_vs_slack:.3f} of the best batch's with "
+          f"{_TOKEN_SLACK.value:g}× its tokens")
+  record = {"lowest_common_target": lowest,
+            "ideal_ramp": None if ideal is None else dataclasses.asdict(ideal), "token_slack": _TOKEN_SLACK.value,
             "saving": _SAVING.value, "alpha": _ALPHA.value,
             "claims": [] if claims is None else claims.to_dict(orient="records")}
   (out / "ramp_claims.json").write_text(json.dumps(record, indent=1, default=str) + "\n")

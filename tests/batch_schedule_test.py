@@ -92,3 +92,65 @@ def test_a_grown_batch_reads_the_same_token_stream(pystdlib_cfg):
     want = np.concatenate([stream[8 * i + per * s:8 * i + per * (s + 1)] for i in range(6)])
     got = np.concatenate([g[len(g) // shards * s:len(g) // shards * (s + 1)] for g in grown])
     np.testing.assert_array_equal(got, want)
+
+
+def _ramp_cfg(**ramp):
+  c = base.get_base_config()
+  c.batch_size, c.seq_len, c.optim.warmup_tokens = 8, 128, 1000
+  c.ramp.update(ramp)
+  return c
+
+
+def test_no_ramp_and_conflicting_ramps():
+  assert bs.Ramp.from_config(base.get_base_config()) is None
+  with pytest.raises(ConfigError, match="both set"):
+    bs.Ramp.from_config(_ramp_cfg(schedule="0:8,1M:16", controller="noise"))
+  with pytest.raises(ConfigError, match="ramp.controller='magic' is unknown"):
+    bs.Ramp.from_config(_ramp_cfg(controller="magic"))
+  with pytest.raises(ConfigError, match="ramp.estimate='b_crit' is unknown"):
+    bs.Ramp.from_config(_ramp_cfg(controller="noise", estimate="b_crit"))
+
+
+def test_a_controller_decision_applies_two_steps_later_and_only_after_warmup():
+  """Step n's metrics arrive after step n + 1 is dispatched: the change starts at n + 2."""
+  ramp = bs.Ramp.from_config(_ramp_cfg(controller="noise", factor=2.0, max_batch=64,
+                                       multiple=8, every_tokens=2048))
+  assert ramp.batches() == (8, 16, 24, 32, 40, 48, 56, 64)
+  seqs = lambda n: {"b_simple": n * 128.0}  # the step reports tokens
+  assert ramp.decide((), 0, 512, seqs(20)) == ()  # inside the 1,000-token warmup
+  changes = ramp.decide((), 3, 3072, seqs(10.3))  # 2 × 10.3 → 20 → 16
+  assert changes == (bs.Change(5, 16, 3072),)
+  assert [ramp.batch_for(s, 0, changes) for s in (4, 5, 6)] == [8, 16, 16]
+  assert ramp.decide(changes, 4, 4096, seqs(40)) == changes  # 1,024 tokens since: too soon
+  assert ramp.decide(changes, 9, 5120, seqs(40))[-1] == bs.Change(11, 64, 5120)
+  assert ramp.decide(changes, 9, 5120, {}) == changes  # no estimate this step
+
+
+def test_stage_config_scales_the_rate_and_holds_beta2_in_tokens():
+  from bscan import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = _ramp_cfg(schedule="0:8,1M:32", beta2_in_tokens=True)
+  c.optim.batch_scaling = "auto"
+  stage = bs.stage_config(c, 32)
+  assert (stage.batch_size, stage.optim.reference_batch) == (32, 8)
+  assert stage.optim.b2 == pytest.approx(c.optim.b2**4)
+  assert config_lib.peak_learning_rate(stage, 100) == pytest.approx(2 * c.optim.lr)
+  assert c.batch_size == 8 and c.optim.b2 == 0.95  # the run's own config is untouched
+
+
+def test_branched_controller_keeps_the_largest_batch_within_epsilon():
+  c = bs.BranchedController(ks=(1, 2, 4), epsilon=0.01, every_tokens=1000, branch_tokens=4096,
+                            max_batch=32)
+  assert c.ks_for(8) == (1, 2, 4) and c.ks_for(16) == (1, 2) and c.ks_for(32) == (1,)
+  # Δ = 4,096 tokens at T = 128: 8 steps at 4·B = 32 (1 batch of 8 each), 16 at 2B, 32 at B.
+  assert [c.branch_steps(1, 128, k) for k in (1, 2, 4)] == [32, 16, 8]
+  assert c.choose(8, {1: 2.500, 2: 2.505, 4: 2.509}) == 32
+  assert c.choose(8, {1: 2.500, 2: 2.505, 4: 2.520}) == 16
+  assert c.choose(8, {1: 2.500, 2: 2.520, 4: 2.505}) == 8  # the first k beyond ε stops it
+  assert c.choose(8, {1: 2.500, 2: float("nan"), 4: 2.505}) == 32  # an untested k is skipped
+  assert c.due(3000, 2000) and not c.due(2999, 2000)
+  ramp = bs.Ramp.from_config(_ramp_cfg(controller="branched", branch_ks=(1, 2), max_batch=64,
+                                       every_tokens=1000, branch_tokens=2048))
+  assert ramp.batches() == (8, 16, 32, 64)
+  for bad in ((2, 4), (1,), (1, 4, 2)):
+    with pytest.raises(ConfigError, match="ramp.branch_ks"):
+      bs.BranchedController(bad, 0.01, 1000, 4096, 32)

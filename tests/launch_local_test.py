@@ -208,3 +208,7 @@ def test_pack_points_groups_points_that_differ_only_in_lr_and_seed():
                               "/b")
   assert [[(p.point["at"], p.point["k"]) for p in pack] for pack in
           local.pack_points(branches, 3)] == [[(a, k)] * 3 for a in (200, 400) for k in (1, 2)]
+  # A point whose batch ramps trains alone (launch.local asks its config).
+  alone = local.pack_points(expanded, 3, packable=lambda p: p.point.get("batch") != 2)
+  assert [[p.point.get("batch") for p in pack] for pack in alone] == [
+      [2], [2], [2], [2], [4, 4, 4], [4], [8]]

@@ -98,3 +98,33 @@ def test_divergence_on_non_finite_and_patience_zero():
   s = rule.update(s, 1e9)
   assert rule.diverged(s, 1e9) == ""  # patience 0: only NaN/inf
   assert "non-finite" in rule.diverged(rule.update(s, math.nan), math.nan)
+
+
+def test_smoothing_weighs_each_step_by_its_tokens_when_the_batch_grows():
+  """A step of k× the tokens decays the EMA k× as much; the bias correction is the sum of the
+  weights, so a constant loss reads back exactly at any batch."""
+  rule = stopping.StopRule.from_tokens(1.0, 0.0, 100, batch_tokens=256, smoothing_tokens=2048)
+  batches = [256] * 4 + [1024] * 3 + [4096] * 2
+  losses = [4.0, 3.5, 3.2, 3.0, 2.8, 2.6, 2.5, 2.3, 2.2]
+  s, weights = stopping.LoopState(), []
+  for i, (tokens, loss) in enumerate(zip(batches, losses), start=1):
+    s = rule.update(s, i, loss, tokens)
+    d = math.exp(-tokens / 2048)
+    weights = [w * d for w in weights] + [1 - d]
+    want = sum(w * x for w, x in zip(weights, losses)) / sum(weights)
+    assert rule.smoothed(s) == pytest.approx(want)
+  flat = stopping.LoopState()
+  for i, tokens in enumerate(batches, start=1):
+    flat = rule.update(flat, i, 2.5, tokens)
+  assert rule.smoothed(flat) == pytest.approx(2.5)
+
+
+def test_a_checkpoint_without_ema_weights_reads_as_before():
+  """Checkpoints written before ramps hold count but no weight: one batch, 1 − decay^n."""
+  rule = stopping.StopRule.from_tokens(2.0, 0.0, 100, batch_tokens=512, smoothing_tokens=2048)
+  s = stopping.LoopState()
+  for i in range(1, 6):
+    s = rule.update(s, i, 3.0 - 0.1 * i)
+  old = dataclasses.replace(s, loss_ema_weight=0.0)
+  assert rule.smoothed(old) == pytest.approx(rule.smoothed(s))
+  assert rule.update(old, 6, 2.0) == rule.update(s, 6, 2.0)

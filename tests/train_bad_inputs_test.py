@@ -14,6 +14,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = "--config=experiments/configs/demo.py"
 BRANCH = "--config=experiments/configs/compare_branches.py"
+RAMP = "--config=experiments/configs/ramp.py"
 
 # (flags after `python -m experiments.train`, a phrase the error line must hold). WORKDIR is a
 # fresh directory; DAMAGED and OTHER hold a damaged config.json and another run's config.
@@ -78,6 +79,13 @@ CASES = [
      "nqm.dim=3 must be an even number ≥ 2"),
     ([f"{BRANCH}:k=2"], "holds no run (config.json missing); train the reference run first"),
     ([f"{BRANCH}:k=2", "--config.budget.train_tokens=0"], "a branch trains a fixed Δ"),
+    ([f"{RAMP}:mode=schedule", "--config.optim.name=sgd", "--config.optim.batch_scaling=sqrt",
+      "--config.optim.declare_scaling=False"],
+     "optim.batch_scaling='sqrt' does not fit optim.name='sgd' (its rule is 'linear')"),
+    ([f"{RAMP}:mode=schedule", "--config.ramp.schedule=0:4,2X:8"],
+     "batch schedule threshold '2X' is not a token count"),
+    ([DEMO, "--config.batch_size=8", "--config.ramp.schedule=0:8,1M:16",
+      "--config.optim.batch_scaling=auto"], "the token stream would change; set data.shards=8"),
 ]
 
 

@@ -178,6 +178,12 @@ def test_a_misfit_rule_and_unkeepable_layouts_are_refused_before_building(pystdl
   refused(lambda c: c.optim.update(schedule="cosine"), "a ramp needs 'constant'")
   refused(lambda c: c.data.update(worker_count=2), "set data.worker_count=0")
   refused(lambda c: c.ramp.update(controller="noise"), "both set")
+
+  def blind_controller(c):
+    c.ramp.update(schedule="", controller="noise")
+    c.noise.enabled = False
+
+  refused(blind_controller, "set noise.enabled=True")
   sgd = _cfg(pystdlib_cfg)
   sgd.optim.name = "sgd"  # 'auto' is linear for SGD
   config_lib.validate(sgd, num_devices=8)
@@ -190,3 +196,11 @@ def test_a_ramp_is_not_packed(pystdlib_cfg, tmp_path):
   specs[1].cfg.seed = 1
   with pytest.raises(ConfigError, match="without --pack"):
     train.run_packed(specs)
+
+
+def test_merge_batches_keeps_each_shards_rows_in_order():
+  """Two batches of 2 shards × 2 rows → one of 2 shards × 4 rows: shard 0's rows first."""
+  from bscan import ramp_branches  # pylint: disable=g-import-not-at-top
+  a = np.arange(4)[:, None] * np.ones((1, 3), int)  # rows 0, 1 (shard 0), 2, 3 (shard 1)
+  merged = ramp_branches.merge_batches([a, a + 10], shards=2)
+  np.testing.assert_array_equal(merged[:, 0], [0, 1, 10, 11, 2, 3, 12, 13])

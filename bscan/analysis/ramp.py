@@ -24,11 +24,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bscan.analysis import fit as fit_lib
 from bscan.analysis import targets as targets_lib
 from bscan.workdir import Col
 
 FIXED = "fixed"
-COLUMNS = ("mode", "seed", "size", "target", "steps", "tokens", "overhead_tokens",
+COLUMNS = ("mode", "seed", "size", "seq_len", "target", "steps", "tokens", "overhead_tokens",
            "total_tokens", "batch_at_target")
 
 
@@ -61,7 +62,7 @@ def per_run(runs: pd.DataFrame, losses: Sequence[float],
       batch = run.get(Col.BATCH)
       batch = _at(step, np.asarray(batch)[:n], steps) if batch is not None else math.nan
       rows.append({"mode": mode_of(run), "seed": int(run["seed"]), "size": run["size"],
-                   "target": float(target), "steps": steps, "tokens": tokens,
+                   "seq_len": int(run["seq_len"]), "target": float(target), "steps": steps, "tokens": tokens,
                    "overhead_tokens": extra, "total_tokens": tokens + extra,
                    "batch_at_target": batch if math.isfinite(batch) else run["batch_sequences"]})
   return pd.DataFrame(rows, columns=COLUMNS)
@@ -106,6 +107,30 @@ def summary(rows: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
   return table.drop(columns="_order").reset_index(drop=True)
 
 
+def fixed_batch(mode: str) -> float:
+  """The batch (sequences) of a 'fixed B' mode, NaN for a ramp."""
+  return float(mode.split()[1]) if mode.startswith(FIXED + " ") else math.nan
+
+
+def frontier(rows: pd.DataFrame, target: float) -> fit_lib.CriticalBatchFit | None:
+  """The fixed batches' S(B) = S_min + E_min/B at `target`, B in tokens (every seed a point);
+  None with fewer than three batch sizes."""
+  at = rows[(rows["target"] == target) & rows["mode"].str.startswith(FIXED + " ")]
+  batches = at["mode"].map(fixed_batch) * at["seq_len"]
+  try:
+    return fit_lib.fit_critical_batch(batches.to_numpy(float), at["steps"].to_numpy(float))
+  except fit_lib.TooFewBatchSizesError:
+    return None
+
+
+def frontier_steps(fit: fit_lib.CriticalBatchFit, tokens: float) -> float:
+  """Steps a fixed batch needs on the fitted frontier when it uses `tokens` to the target:
+  E = S_min·B + E_min gives B, then S = S_min + E_min/B (NaN at or below E_min)."""
+  if not tokens > fit.e_min:
+    return math.nan
+  return fit.s_min + fit.e_min * fit.s_min / (tokens - fit.e_min)
+
+
 @dataclasses.dataclass(frozen=True)
 class Claim:
   """A ramp against the best fixed batch within its token budget, at one target."""
@@ -122,6 +147,9 @@ class Claim:
   p_saving: float  # one-sided, H0: ratio ≥ 1 − saving
   saving: float
   met: bool
+  # The ramp's steps over the fixed-batch frontier's at its tokens (< 1: beats every fixed
+  # batch, tested or not); NaN without a frontier.
+  frontier_ratio: float = math.nan
 
 
 def claim(rows: pd.DataFrame, target: float, mode: str, token_slack: float = 1.1,
@@ -133,8 +161,11 @@ def claim(rows: pd.DataFrame, target: float, mode: str, token_slack: float = 1.1
   fixed = means[[m.startswith(FIXED + " ") for m in means.index]]
   eligible = fixed[(fixed["tokens"] <= budget) & (fixed["reached"] == fixed["seeds"])]
   nan = math.nan
+  fit = frontier(rows, target)
+  on_frontier = nan if fit is None else means.loc[mode, "steps"] / frontier_steps(
+      fit, means.loc[mode, "tokens"])
   if eligible.empty or not math.isfinite(budget):
-    return Claim(target, mode, "", nan, nan, nan, nan, 0, nan, nan, saving, False)
+    return Claim(target, mode, "", nan, nan, nan, nan, 0, nan, nan, saving, False, on_frontier)
   baseline = str(eligible["steps"].idxmin())
   ours = at[at["mode"] == mode].set_index("seed")["steps"]
   theirs = at[at["mode"] == baseline].set_index("seed")["steps"]
@@ -142,7 +173,7 @@ def claim(rows: pd.DataFrame, target: float, mode: str, token_slack: float = 1.1
   tokens_ratio = float(means.loc[mode, "tokens"] / means.loc[baseline, "tokens"])
   if len(d) < 2:
     return Claim(target, mode, baseline, float(np.exp(d.mean())) if len(d) else nan, nan, nan,
-                 tokens_ratio, len(d), nan, nan, saving, False)
+                 tokens_ratio, len(d), nan, nan, saving, False, on_frontier)
   se = np.std(d, ddof=1) / math.sqrt(len(d))
   half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * se
   mean = float(d.mean())
@@ -155,7 +186,7 @@ def claim(rows: pd.DataFrame, target: float, mode: str, token_slack: float = 1.1
   p_saving = p_below(1 - saving)
   return Claim(target, mode, baseline, math.exp(mean), math.exp(mean - half),
                math.exp(mean + half), tokens_ratio, len(d), p_below(1.0), p_saving, saving,
-               p_saving < alpha)
+               p_saving < alpha, on_frontier)
 
 
 def claims(rows: pd.DataFrame, target: float, **kwargs) -> pd.DataFrame:
@@ -170,3 +201,37 @@ def lowest_common_target(rows: pd.DataFrame) -> float:
   reached = rows.groupby("target")["steps"].apply(lambda s: bool(np.isfinite(s).all()))
   ok = reached[reached].index
   return float(min(ok)) if len(ok) else math.nan
+
+
+@dataclasses.dataclass(frozen=True)
+class IdealRamp:
+  """What the best possible ramp could save, in Kaplan's S–E picture applied locally.
+
+  Between two targets a run at batch B spends ΔS_min·(1 + B_crit/B) steps and
+  ΔS_min·(B_crit + B) tokens (B_crit of that stretch). For any ramp, by Cauchy–Schwarz,
+  (S/S_min − 1)(E/E_min − 1) ≥ rho = (Σ √B_crit ΔS_min)² / (S_min · Σ B_crit ΔS_min), with
+  equality for B ∝ √B_crit; one fixed batch has exactly 1. rho near 1 (B_crit nearly
+  constant where the steps are spent) leaves a ramp nothing to gain.
+  """
+
+  rho: float
+  steps_at_equal_tokens: float  # best ramp / fixed batch at the same tokens, at B = B_crit
+  steps_vs_slack: float  # best ramp / the best fixed batch with token_slack × its tokens
+
+
+def ideal_ramp(rows: pd.DataFrame, losses: Sequence[float], token_slack: float = 1.1
+               ) -> IdealRamp:
+  """rho from the fixed batches' S_min(L) and B_crit(L) at each target (the stretch before
+  the first target taken at its B_crit, which can only understate the spread)."""
+  fits = [frontier(rows, t) for t in sorted(losses, reverse=True)]
+  if any(f is None for f in fits):
+    return IdealRamp(math.nan, math.nan, math.nan)
+  s_min = np.array([f.s_min for f in fits])
+  b_crit = np.array([f.b_crit for f in fits])
+  d_s = np.diff(np.concatenate([[0.0], s_min]))
+  seg = np.concatenate([[b_crit[0]], np.sqrt(b_crit[1:] * b_crit[:-1])])
+  rho = float(np.sum(np.sqrt(seg) * d_s) ** 2 / (s_min[-1] * np.sum(seg * d_s)))
+  y = np.geomspace(1e-2, 1e2, 4001)  # the ramp's E/E_min − 1; its S/S_min − 1 is rho / y
+  y_fixed = token_slack * (1 + y) - 1
+  vs_slack = float(np.min((1 + rho / y) / (1 + 1 / y_fixed)))
+  return IdealRamp(rho, (1 + rho) / 2, vs_slack)

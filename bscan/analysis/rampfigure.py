@@ -43,6 +43,7 @@ def plot_ramp(runs: pd.DataFrame, rows: pd.DataFrame, target: float) -> Figure:
     ax_loss.plot(step, targets_lib.smooth_log_window(step, loss), color=colors[mode],
                  lw=2.0 if not mode.startswith(ramp_lib.FIXED) else 1.2, label=mode)
   ax_loss.axhline(target, color="0.5", ls=":", lw=1)
+  ax_loss.set_xlim(left=10)
   ax_loss.set(xscale="log", xlabel="optimizer steps", ylabel="train loss (nats/byte, smoothed)",
               title=f"seed {first_seed}: loss against steps")
   lo = rows.loc[rows["target"] == target]
@@ -60,8 +61,12 @@ def plot_ramp(runs: pd.DataFrame, rows: pd.DataFrame, target: float) -> Figure:
     ax_se.errorbar(m["tokens"], m["steps"], xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr),
                    fmt="o" if fixed else "D", ms=5 if fixed else 7, color=colors[mode],
                    capsize=2, label=mode)
-  fixed_means = means[[m.startswith(ramp_lib.FIXED) for m in means.index]].sort_values("tokens")
-  ax_se.plot(fixed_means["tokens"], fixed_means["steps"], color="0.6", lw=1, zorder=0)
+  fit = ramp_lib.frontier(rows, target)
+  if fit is not None:  # the fixed batches' S–E hyperbola: what any one batch can do
+    e = np.geomspace(max(fit.e_min * 1.05, lo["total_tokens"].min() * 0.8),
+                     lo["total_tokens"].max() * 1.2, 100)
+    ax_se.plot(e, [ramp_lib.frontier_steps(fit, x) for x in e], color="0.6", lw=1, zorder=0,
+               label=f"fixed-batch fit (B_crit {fit.b_crit:,.0f} tokens)")
   ax_se.set(xscale="log", yscale="log", xlabel=f"tokens to loss {target:g} (incl. overhead)",
             ylabel=f"steps to loss {target:g}",
             title="steps against tokens (geometric mean, 95% interval)")
@@ -77,6 +82,12 @@ def plot_ramp(runs: pd.DataFrame, rows: pd.DataFrame, target: float) -> Figure:
                   alpha=0.8, label=mode if run["seed"] == first_seed else None)
   ax_batch.set(xscale="log", yscale="log", xlabel="tokens", ylabel="batch (sequences)",
                title="the ramps' batch (every seed)")
+  used = np.concatenate([np.asarray(r, float) for r in runs[Col.BATCH]])
+  used = used[np.isfinite(used)]
+  if len(used):  # powers of two over the batches run
+    ticks = [2**k for k in range(int(np.log2(used.min())), int(np.log2(used.max())) + 1)]
+    ax_batch.set_yticks(ticks, [str(t) for t in ticks])
+  ax_batch.minorticks_off()
   if ax_batch.get_legend_handles_labels()[0]:
     ax_batch.legend(fontsize=7, frameon=False)
   return fig

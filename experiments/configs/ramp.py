@@ -5,7 +5,10 @@ The main job's 25k model, data, rate (3e-3, constant after a 50k-token warmup) a
 - mode=fixed: batches 4, 8, 16, 32 and 64 sequences of 128 bytes;
 - mode=schedule: the declared ramp SCHEDULE (thresholds in tokens);
 - mode=noise: the batch set to `factor` × the EMA B_simple (sequences), only upward, in
-  multiples of 4 from 4 to 64, at most every CONTROL_TOKENS tokens.
+  multiples of 4 from 4 to 64, at most every CONTROL_TOKENS tokens;
+- mode=branched: every TEST_TOKENS, branches of BRANCH_TOKENS at B and 2B from the run itself;
+  the run keeps 2B when its held-out loss is within EPSILON nats of B's (the branches it does
+  not keep count as overhead tokens).
 Every run reads the batch as 4 data shards, so a seed's runs all read one token stream.
 The rate stays 3e-3 at every batch, as in the scan (where the best rate moved little with the
 batch and √ scaling took 1.7× the steps at batch 64): a rule other than AdamW's √ is declared
@@ -24,9 +27,12 @@ SIZE = "25k"
 BATCHES = (4, 8, 16, 32, 64)
 SEEDS = (0, 1, 2)
 SCHEDULE = "0:4,150k:8,400k:16"
-FACTORS = (1.0,)
+FACTORS = (0.5, 1.0)
 CONTROL_TOKENS = 25_000
-MODES = ("fixed", "schedule", "noise")
+# Branched: every TEST_TOKENS, Δ = BRANCH_TOKENS at B and 2B from the run; keep 2B when its
+# held-out loss is within EPSILON nats of B's.
+TEST_TOKENS, BRANCH_TOKENS, EPSILON = 150_000, 32_768, 0.01
+MODES = ("fixed", "schedule", "noise", "branched")
 
 
 def get_config(arg: str = ""):
@@ -50,6 +56,10 @@ def get_config(arg: str = ""):
     c.ramp.controller, c.ramp.factor = "noise", float(args.get("factor", FACTORS[0]))
     c.ramp.max_batch, c.ramp.multiple = BATCHES[-1], BATCHES[0]
     c.ramp.every_tokens = CONTROL_TOKENS
+  elif mode == "branched":
+    c.ramp.controller, c.ramp.branch_ks, c.ramp.max_batch = "branched", (1, 2), BATCHES[-1]
+    c.ramp.every_tokens, c.ramp.branch_tokens = TEST_TOKENS, BRANCH_TOKENS
+    c.ramp.epsilon = EPSILON
   return c
 
 
@@ -58,5 +68,6 @@ def sweep() -> sweep_lib.Sweep:
   points = [{"mode": "fixed", "batch": b, "seed": s} for b in BATCHES for s in SEEDS]
   points += [{"mode": "noise", "factor": f, "seed": s} for f in FACTORS for s in SEEDS]
   points += [{"mode": "schedule", "seed": s} for s in SEEDS]
+  points += [{"mode": "branched", "seed": s} for s in SEEDS]
   return sweep_lib.Sweep(points=tuple(points),
                          targets=tuple(sorted(scan.TARGETS[SIZE], reverse=True)))
