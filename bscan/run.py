@@ -33,6 +33,8 @@ class Run:
     self.ckpt = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
     b = cfg.budget
     self.ramp = batch_schedule.Ramp.from_config(cfg)  # None: one batch for the whole run
+    # A token budget or cap ends a ramp by tokens (its steps vary); a step budget by steps.
+    self.max_tokens = math.inf if b.train_steps else plan.max_tokens
     self.stop_rule = stopping.StopRule.from_tokens(
         b.target_loss, b.overshoot, plan.max_steps, plan.batch_tokens, b.smoothing_tokens)
     self.divergence = stopping.DivergenceRule(b.diverge_margin, b.diverge_patience)
@@ -78,12 +80,12 @@ class Run:
   def wants_step(self) -> bool:
     """Whether the next step runs (decided on the rows fetched so far, one step behind)."""
     return (not self.diverged and self.step < self.stop_rule.stop_step(self.loop)
-            and self.tokens < self.plan.max_tokens)
+            and self.tokens < self.max_tokens)
 
   def last_step(self) -> bool:
     """Whether the step just dispatched is the run's last (its row gets an eval loss)."""
     return (self.step == self.stop_rule.stop_step(self.loop)
-            or self.tokens >= self.plan.max_tokens)
+            or self.tokens >= self.max_tokens)
 
   def next_batch_size(self) -> int:
     """The global batch (sequences) of the next step."""
@@ -185,9 +187,10 @@ class Run:
       self.loop = dataclasses.replace(
           self.loop, changes=tuple(dataclasses.astuple(c) for c in decided))
       if self.is_main:
-        print(f"{self.label}step {step:>6}  batch {changes[-1].batch if changes else self.ramp.first}"
-              f" → {new.batch} from step {new.step} ({self.ramp.estimate} "
-              f"{float(m[self.ramp.estimate]) / self.plan.seq_len:.1f} sequences)", flush=True)
+        old = changes[-1].batch if changes else self.ramp.first
+        noise = float(m[self.ramp.estimate]) / self.plan.seq_len
+        print(f"{self.label}step {step:>6}  batch {old} → {new.batch} from step {new.step} "
+              f"({self.ramp.estimate} {noise:.1f} sequences)", flush=True)
 
   def _noise_columns(self, step: int, m: dict[str, Any]) -> dict[str, float]:
     if "b_simple" not in m:

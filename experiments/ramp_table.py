@@ -88,7 +88,8 @@ def main(argv):
           f"batch's at equal tokens and {ideal.steps_vs_slack:.3f} of the best batch's with "
           f"{_TOKEN_SLACK.value:g}× its tokens")
   record = {"lowest_common_target": lowest,
-            "ideal_ramp": None if ideal is None else dataclasses.asdict(ideal), "token_slack": _TOKEN_SLACK.value,
+            "ideal_ramp": None if ideal is None else dataclasses.asdict(ideal),
+            "token_slack": _TOKEN_SLACK.value,
             "saving": _SAVING.value, "alpha": _ALPHA.value,
             "claims": [] if claims is None else claims.to_dict(orient="records")}
   (out / "ramp_claims.json").write_text(json.dumps(record, indent=1, default=str) + "\n")

@@ -6,7 +6,6 @@ devices and on 4 (a subprocess: the device count is fixed per process); a misfit
 the layouts a ramp cannot keep are refused before anything is built.
 """
 
-import copy
 import os
 import subprocess
 import sys

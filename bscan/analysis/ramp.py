@@ -62,7 +62,8 @@ def per_run(runs: pd.DataFrame, losses: Sequence[float],
       batch = run.get(Col.BATCH)
       batch = _at(step, np.asarray(batch)[:n], steps) if batch is not None else math.nan
       rows.append({"mode": mode_of(run), "seed": int(run["seed"]), "size": run["size"],
-                   "seq_len": int(run["seq_len"]), "target": float(target), "steps": steps, "tokens": tokens,
+                   "seq_len": int(run["seq_len"]), "target": float(target), "steps": steps,
+                   "tokens": tokens,
                    "overhead_tokens": extra, "total_tokens": tokens + extra,
                    "batch_at_target": batch if math.isfinite(batch) else run["batch_sequences"]})
   return pd.DataFrame(rows, columns=COLUMNS)
@@ -81,7 +82,7 @@ def _log_interval(values: np.ndarray, confidence: float) -> tuple[float, float, 
   return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def _mode_order(mode: str) -> tuple[int, float, str]:
+def mode_order(mode: str) -> tuple[int, float, str]:
   """Fixed batches first, by batch; then the ramps by name."""
   if mode.startswith(FIXED + " "):
     return 0, float(mode.split()[1]), mode
@@ -102,7 +103,7 @@ def summary(rows: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
   table = pd.DataFrame(out)
   if table.empty:
     return table
-  table["_order"] = table["mode"].map(_mode_order)
+  table["_order"] = table["mode"].map(mode_order)
   table = table.sort_values(["target", "_order"], ascending=[False, True], kind="stable")
   return table.drop(columns="_order").reset_index(drop=True)
 
@@ -209,8 +210,8 @@ class IdealRamp:
 
   Between two targets a run at batch B spends ΔS_min·(1 + B_crit/B) steps and
   ΔS_min·(B_crit + B) tokens (B_crit of that stretch). For any ramp, by Cauchy–Schwarz,
-  (S/S_min − 1)(E/E_min − 1) ≥ rho = (Σ √B_crit ΔS_min)² / (S_min · Σ B_crit ΔS_min), with
-  equality for B ∝ √B_crit; one fixed batch has exactly 1. rho near 1 (B_crit nearly
+  (S/S_min − 1)(E/E_min − 1) ≥ rho = (Σ √B_crit ΔS_min)² / (S_min · Σ B_crit ΔS_min),
+  with equality for B ∝ √B_crit; one fixed batch has exactly 1. rho near 1 (B_crit nearly
   constant where the steps are spent) leaves a ramp nothing to gain.
   """
 

@@ -28,7 +28,7 @@ def plot_ramp(runs: pd.DataFrame, rows: pd.DataFrame, target: float) -> Figure:
   """Three panels: smoothed train loss against steps (seed 0 of each mode); steps against
   tokens to `target` (every run, and each mode's geometric mean with its interval); the
   batch each ramp ran at against tokens."""
-  modes = sorted(rows["mode"].unique(), key=ramp_lib._mode_order)  # pylint: disable=protected-access
+  modes = sorted(rows["mode"].unique(), key=ramp_lib.mode_order)
   colors = _colors(modes)
   fig = Figure(figsize=(15, 4.6), layout="constrained")
   ax_loss, ax_se, ax_batch = fig.subplots(1, 3)
