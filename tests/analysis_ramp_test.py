@@ -1,7 +1,9 @@
 """Fixed batches against ramps (bscan.analysis.ramp): steps and tokens to a target from real
 curves, the frontier, and the paired claim test, on data with known answers."""
 
+import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -125,3 +127,20 @@ def test_ideal_ramp_from_a_critical_batch_that_grows_100_fold():
   # Against the fixed batch with 1.1× the tokens even this leaves 3%: it takes rho ≤ 0.4 for
   # the 30% the issue asks about.
   assert ideal.steps_vs_slack == pytest.approx(0.970, abs=0.002)
+
+
+def test_the_scan_analysis_leaves_ramp_runs_out_and_says_so(tmp_path):
+  from bscan import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from bscan.analysis import load  # pylint: disable=g-import-not-at-top
+  for name, ramp in (("fixed", {}), ("ramp", {"schedule": "0:4,1k:8"})):
+    (tmp_path / name).mkdir()
+    workdir_lib.write_text_atomic(tmp_path / name / "config.json", json.dumps(
+        {"config": {"seed": 0, "ramp": ramp}, "arg": "", "derived": {"batch_sequences": 4}}))
+  with warnings.catch_warnings(record=True) as said:  # bare config.json files: no rows either
+    warnings.simplefilter("always")
+    scan, _ = load.load_sweeps(tmp_path)
+    every = load.load_all_runs(tmp_path)
+  assert list(scan["name"]) == ["fixed"]
+  assert any("1 run(s) whose batch grows (ramp) are no scan points" in str(w.message)
+             for w in said)
+  assert sorted(every["ramp"]) == ["", "schedule 0:4,1k:8"]

@@ -137,8 +137,10 @@ def run_row(derived: Mapping[str, Any], curves: Mapping[str, np.ndarray],
   if row["size"] is None:
     row["size"] = "?"
   empty = np.zeros(0)
-  for key in (Col.STEP, *CURVE_KEYS, EVAL_STEP, Col.EVAL_LOSS):
+  for key in (Col.STEP, EVAL_STEP, Col.EVAL_LOSS):
     row[key] = np.asarray(curves.get(key, empty), dtype=float)
+  for key in CURVE_KEYS:  # a column the curves lack is NaN at every step, as on disk
+    row[key] = np.asarray(curves.get(key, np.full(len(row[Col.STEP]), np.nan)), dtype=float)
   if len(row[Col.TOKENS]) and np.all(np.isnan(row[Col.TOKENS])) and row["batch_tokens"]:
     row[Col.TOKENS] = row[Col.STEP] * row["batch_tokens"]
   row["status"] = status.status if status else UNKNOWN
@@ -149,6 +151,7 @@ def run_row(derived: Mapping[str, Any], curves: Mapping[str, np.ndarray],
   row["last_step"] = float(row[Col.STEP][-1]) if len(row[Col.STEP]) else 0.0
   row["final_train_loss"] = float(loss[finite][-1]) if finite.any() else math.nan
   row["has_noise_scale"] = bool(np.isfinite(row[Col.B_SIMPLE_TOKENS]).any())
+  row["ramp"] = ""  # one batch; load_run reads a ramp's label from its config
   return row
 
 
@@ -253,7 +256,13 @@ def load_sweeps(workdirs: PathLike | Sequence[PathLike]) -> tuple[pd.DataFrame, 
   they are no points of a batch-size scan, so they get their own table (with BRANCH_COLUMNS).
   Runs whose batch grows (config.ramp) are in neither: bscan.analysis.ramp reads them.
   """
-  rows = [r for r in _load_rows(workdirs) if not r.get("ramp")]
+  rows = _load_rows(workdirs)
+  ramps = [r["name"] for r in rows if r.get("ramp")]
+  if ramps:
+    _warn(f"{len(ramps)} run(s) whose batch grows ({', '.join(ramps[:3])}"
+          f"{', …' if len(ramps) > 3 else ''}) are no scan points and are left out; "
+          "python -m experiments.ramp_table reads them")
+  rows = [r for r in rows if not r.get("ramp")]
   branch = [r for r in rows if r.get("branch_from_workdir")]
   return runs_table([r for r in rows if not r.get("branch_from_workdir")]), runs_table(branch)
 
