@@ -197,7 +197,7 @@ def branch_fields(config: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def ramp_label(config: Mapping[str, Any]) -> str:
   """How a run's batch grows (config.ramp): '' for one batch, else 'schedule 0:4,150k:8',
-  'noise 1×b_simple' or 'branched'."""
+  'noise 1×b_simple' or 'branched ε=0.01'."""
   ramp = config.get("ramp")
   if not isinstance(ramp, Mapping):
     return ""
@@ -205,6 +205,8 @@ def ramp_label(config: Mapping[str, Any]) -> str:
     return f"schedule {ramp['schedule']}"
   if ramp.get("controller") == "noise":
     return f"noise {ramp.get('factor', 1.0):g}×{ramp.get('estimate', 'b_simple')}"
+  if ramp.get("controller") == "branched":
+    return f"branched ε={ramp.get('epsilon', 0.01):g}"
   return str(ramp.get("controller") or "")
 
 

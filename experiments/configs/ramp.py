@@ -7,8 +7,8 @@ The main job's 25k model, data, rate (3e-3, constant after a 50k-token warmup) a
 - mode=noise: the batch set to `factor` × the EMA B_simple (sequences), only upward, in
   multiples of 4 from 4 to 64, at most every CONTROL_TOKENS tokens;
 - mode=branched: every TEST_TOKENS, branches of BRANCH_TOKENS at B and 2B from the run itself;
-  the run keeps 2B when its held-out loss is within EPSILON nats of B's (the branches it does
-  not keep count as overhead tokens).
+  the run keeps 2B when its held-out loss is within EPSILON (or, arg epsilon, STRICT_EPSILON)
+  nats of B's (the branches it does not keep count as overhead tokens).
 Every run reads the batch as 4 data shards, so a seed's runs all read one token stream.
 The rate stays 3e-3 at every batch, as in the scan (where the best rate moved little with the
 batch and √ scaling took 1.7× the steps at batch 64): a rule other than AdamW's √ is declared
@@ -32,13 +32,14 @@ CONTROL_TOKENS = 25_000
 # Branched: every TEST_TOKENS, Δ = BRANCH_TOKENS at B and 2B from the run; keep 2B when its
 # held-out loss is within EPSILON nats of B's.
 TEST_TOKENS, BRANCH_TOKENS, EPSILON = 150_000, 32_768, 0.01
+STRICT_EPSILON = 0.003  # a second branched variant: a stricter threshold
 MODES = ("fixed", "schedule", "noise", "branched")
 
 
 def get_config(arg: str = ""):
-  """One run: arg keys mode, batch (fixed), factor (noise), seed."""
+  """One run: arg keys mode, batch (fixed), factor (noise), epsilon (branched), seed."""
   args = config_lib.parse_arg(arg)
-  config_lib.check_arg_keys(args, ("mode", "factor") + base.COMMON_ARGS, "ramp.py")
+  config_lib.check_arg_keys(args, ("mode", "factor", "epsilon") + base.COMMON_ARGS, "ramp.py")
   mode = args.pop("mode", "fixed")
   if mode not in MODES:
     raise config_lib.ConfigError(f"ramp.py: mode={mode!r} is not one of {MODES}")
@@ -59,7 +60,7 @@ def get_config(arg: str = ""):
   elif mode == "branched":
     c.ramp.controller, c.ramp.branch_ks, c.ramp.max_batch = "branched", (1, 2), BATCHES[-1]
     c.ramp.every_tokens, c.ramp.branch_tokens = TEST_TOKENS, BRANCH_TOKENS
-    c.ramp.epsilon = EPSILON
+    c.ramp.epsilon = float(args.get("epsilon", EPSILON))
   return c
 
 
@@ -69,5 +70,6 @@ def sweep() -> sweep_lib.Sweep:
   points += [{"mode": "noise", "factor": f, "seed": s} for f in FACTORS for s in SEEDS]
   points += [{"mode": "schedule", "seed": s} for s in SEEDS]
   points += [{"mode": "branched", "seed": s} for s in SEEDS]
+  points += [{"mode": "branched", "epsilon": STRICT_EPSILON, "seed": s} for s in SEEDS]
   return sweep_lib.Sweep(points=tuple(points),
                          targets=tuple(sorted(scan.TARGETS[SIZE], reverse=True)))
