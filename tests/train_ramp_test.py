@@ -7,6 +7,7 @@ the layouts a ramp cannot keep are refused before anything is built.
 """
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -155,6 +156,29 @@ def test_resumed_on_4_devices_after_a_change_on_8(uninterrupted, pystdlib_cfg, t
   derived = workdir_lib.read_config(tmp_path).derived
   assert (derived["num_devices"], derived["num_microbatches"]) == (4, 2)
   want, _, _ = uninterrupted["schedule"]
+  _assert_rows_close(rows(tmp_path), want)
+
+
+@pytest.mark.xdist_group("multiprocess")  # never beside another multi-process test
+def test_two_processes_ramp_as_one_process_does(uninterrupted, pystdlib_cfg, tmp_path):
+  """2 processes × 4 devices, each reading its 4 of the 8 data shards, through the branched
+  controller's tests (each process merges its own shards' rows): one process's rows."""
+  p = subprocess.Popen(
+      [sys.executable, "-m", "launch.multiprocess", "--processes=2", "--devices_per_process=4",
+       "--", f"--config={CONFIG}:branched", f"--workdir={tmp_path}",
+       f"--config.data.data_dir={pystdlib_cfg.data.data_dir}"],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  try:
+    out, _ = p.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+  finally:  # leave no process behind, even on a timeout
+    try:
+      os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    p.wait()
+  assert p.returncode == 0, out[-3000:]
+  assert workdir_lib.read_config(tmp_path).derived["num_processes"] == 2
+  want, _, _ = uninterrupted["branched"]
   _assert_rows_close(rows(tmp_path), want)
 
 
