@@ -2,8 +2,8 @@
 
 A declared schedule `0:64,2M:128,8M:256` gives the global batch (sequences) from each token
 threshold on. Thresholds are tokens, so a schedule means the same data at any batch. The
-learning rate follows the batch through bscan.lr_scaling (√ for AdamW, linear for SGD; any
-other pairing must be declared), and Adam's β2 can be held fixed in tokens: at k times the
+learning rate follows the batch through optim.batch_scaling (bscan.lr_scaling: √ for AdamW,
+linear for SGD; any other pairing must be declared), and Adam's β2 can be held fixed in tokens: at k times the
 first batch a step sees k times the tokens, so β2 → β2^k keeps the second-moment half-life in
 tokens (Marek et al. 2025).
 
@@ -30,7 +30,6 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from bscan import lr_scaling
 from bscan.errors import ConfigError
 
 _SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
@@ -100,12 +99,6 @@ class BatchSchedule:
         batch = stage.batch
     return batch
 
-  def check_layout(self, num_devices: int, microbatch: int, data_shards: int,
-                   num_processes: int = 1) -> None:
-    """Every batch runs on this layout and reads the first batch's data shards."""
-    check_batches([s.batch for s in self.stages], num_devices, microbatch, data_shards,
-                  num_processes)
-
 
 def check_batches(batches: list[int], num_devices: int, microbatch: int, data_shards: int,
                   num_processes: int = 1) -> None:
@@ -128,13 +121,6 @@ def check_batches(batches: list[int], num_devices: int, microbatch: int, data_sh
           f"reads {first}: the token stream would change; set data.shards={first}")
   if first % num_processes:
     raise ConfigError(f"{first} data shards cannot be shared by {num_processes} processes")
-
-
-def learning_rate(lr: float, batch: int, first_batch: int, optimizer: str, rule: str,
-                  declared: bool = False) -> float:
-  """The peak rate at `batch`, from `lr` at the schedule's first batch, by the resolved rule."""
-  return lr_scaling.scaled(lr, batch / first_batch,
-                           lr_scaling.resolve(optimizer, rule, declared))
 
 
 def beta2_fixed_in_tokens(beta2: float, batch: int, first_batch: int) -> float:

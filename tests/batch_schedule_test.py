@@ -36,20 +36,15 @@ def test_bad_schedules_name_the_item_and_the_fix(text, message):
 
 
 def test_every_batch_must_fit_the_layout_and_keep_the_data_shards():
-  s = bs.BatchSchedule.parse("0:16,1M:32,2M:64")
-  s.check_layout(num_devices=8, microbatch=2, data_shards=16)
+  bs.check_batches([16, 32, 64], num_devices=8, microbatch=2, data_shards=16)
   with pytest.raises(ConfigError, match="batch 16 of the ramp is not divisible by devices"):
-    s.check_layout(num_devices=8, microbatch=4, data_shards=16)
+    bs.check_batches([16, 32, 64], num_devices=8, microbatch=4, data_shards=16)
   with pytest.raises(ConfigError, match=r"set data.shards=8"):
-    bs.BatchSchedule.parse("0:8,1M:16").check_layout(1, 1, data_shards=16)
-  bs.BatchSchedule.parse("0:8,1M:16").check_layout(1, 1, data_shards=8)
-
-
-def test_learning_rate_follows_the_optimizers_rule_and_refuses_a_misfit():
-  assert bs.learning_rate(1e-3, 256, 64, "adamw", "auto") == pytest.approx(2e-3)
-  assert bs.learning_rate(0.1, 256, 64, "sgd", "auto") == pytest.approx(0.4)
-  with pytest.raises(ConfigError, match="'sqrt' does not fit optim.name='sgd'"):
-    bs.learning_rate(0.1, 256, 64, "sgd", "sqrt")
+    bs.check_batches([8, 16], 1, 1, data_shards=16)
+  bs.check_batches([8, 16], 1, 1, data_shards=8)
+  bs.check_batches([8, 24], 8, 0, data_shards=8)  # microbatch 0: chosen per batch
+  with pytest.raises(ConfigError, match="cannot be shared by 3 processes"):
+    bs.check_batches([8, 16], 1, 1, data_shards=8, num_processes=3)
 
 
 def test_beta2_held_in_tokens_keeps_the_half_life():
