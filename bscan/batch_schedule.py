@@ -3,9 +3,9 @@
 A declared schedule `0:64,2M:128,8M:256` gives the global batch (sequences) from each token
 threshold on. Thresholds are tokens, so a schedule means the same data at any batch. The
 learning rate follows the batch through optim.batch_scaling (bscan.lr_scaling: √ for AdamW,
-linear for SGD; any other pairing must be declared), and Adam's β2 can be held fixed in tokens: at k times the
-first batch a step sees k times the tokens, so β2 → β2^k keeps the second-moment half-life in
-tokens (Marek et al. 2025).
+linear for SGD; any other pairing must be declared), and Adam's β2 can be held fixed in
+tokens: at k times the first batch a step sees k times the tokens, so β2 → β2^k keeps the
+second-moment half-life in tokens (Marek et al. 2025).
 
 Every batch of a schedule must read the same data shards as the first (gcd(batch,
 data.shards) equal): then a step at k·B reads k of the first batch's rows from each shard, and
